@@ -1,0 +1,186 @@
+"""Recognising norms and activations by what they compute, not by their class names.
+
+A module is a LayerNorm/RMSNorm when its output, on a random input and with random values in its own
+weight and bias, matches the formula (with its own eps, and with w or 1+w as the scale). A module is
+GELU/tanh-GELU/SiLU when its output matches that function on a random input spanning the thresholds.
+The module under test is a deep copy, so the user's weights are never read or changed, and models on
+the ``meta`` device are recognised too (the copy is materialised on CPU with random values).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .plan import ActivationKind, NormKind
+
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps")
+_ACTIVATIONS: tuple[tuple[ActivationKind, object], ...] = (
+    ("gelu", lambda x: F.gelu(x)),
+    ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+    ("silu", F.silu),
+)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a verified norm computes."""
+
+    kind: NormKind
+    eps: float
+    size: int
+    has_weight: bool
+    has_bias: bool
+    weight_offset: float  # 1.0 when the scale is (1 + w)
+    channel_dim: int  # -1, or 1 for NCHW inputs
+
+
+def is_converted(module: nn.Module) -> bool:
+    return bool(getattr(module, "lowmembp_converted", False))
+
+
+def _activation_probe() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=gen) * 4
+    edges = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 3.19, -3.19, 6.3, -6.3, 20.0, -20.0, 50.0, -50.0])
+    return torch.cat([x, edges])
+
+
+def classify_activation(module: nn.Module) -> ActivationKind | None:
+    """Return the activation a parameter-free leaf module computes, or None."""
+    if is_converted(module) or any(True for _ in module.children()):
+        return None
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        return None
+    with torch.device("cpu"):
+        x = _activation_probe()
+    try:
+        with torch.no_grad():
+            y = module(x.clone())  # clone: in-place activations must not touch the probe
+    except Exception:
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+        return None
+    for kind, fn in _ACTIVATIONS:
+        ref = fn(x)
+        if torch.allclose(y, ref, rtol=1e-5, atol=1e-6):
+            return kind
+    return None
+
+
+def _norm_params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """(weight, bias) if the module's own parameters are at most a 1-D weight and bias of one size."""
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) - {"weight", "bias"}:
+        return None
+    weight, bias = params.get("weight"), params.get("bias")
+    sizes = {p.shape for p in (weight, bias) if p is not None}
+    if len(sizes) > 1 or any(len(s) != 1 for s in sizes):
+        return None
+    if any(p is not None and not p.is_floating_point() for p in (weight, bias)):
+        return None
+    return weight, bias
+
+
+def _eps_candidates(module: nn.Module) -> list[float]:
+    found = []
+    for name in _EPS_ATTRS:
+        value = getattr(module, name, None)
+        if isinstance(value, (float, int)) and not isinstance(value, bool) and value >= 0:
+            found.append(float(value))
+    return list(dict.fromkeys(found))
+
+
+def _formula(x: torch.Tensor, kind: NormKind, eps: float, scale, shift, dim: int) -> torch.Tensor:
+    x = x.double()
+    if kind == "layer_norm":
+        mu = x.mean(dim, keepdim=True)
+        var = (x - mu).pow(2).mean(dim, keepdim=True)
+        x_hat = (x - mu) / torch.sqrt(var + eps)
+    else:
+        x_hat = x / torch.sqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    if scale is not None:
+        x_hat = x_hat * scale.double().reshape(shape)
+    if shift is not None:
+        x_hat = x_hat + shift.double().reshape(shape)
+    return x_hat
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A float32 CPU copy of the module with random weight/bias (init values hide offsets)."""
+    with torch.device("cpu"):  # a caller inside `with torch.device("meta")` must not leak into probes
+        return _probe_copy_cpu(module)
+
+
+def _probe_copy_cpu(module: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(1)
+    if any(t.device.type == "meta" for t in module.parameters(recurse=False)):
+        probe = copy.deepcopy(module).to_empty(device="cpu")
+    else:
+        probe = copy.deepcopy(module).cpu()
+    probe = probe.float()
+    with torch.no_grad():
+        for name, p in probe.named_parameters(recurse=False):
+            values = torch.rand(p.shape, generator=gen) + 0.5 if name == "weight" else torch.randn(p.shape, generator=gen)
+            p.copy_(values)
+    return probe.eval()
+
+
+def classify_norm(module: nn.Module) -> NormSpec | None:
+    """Return what a leaf module computes if it is a LayerNorm/RMSNorm over one dim, else None."""
+    if is_converted(module) or any(True for _ in module.children()):
+        return None
+    params = _norm_params(module)
+    if params is None:
+        return None
+    weight, bias = params
+    if weight is None and bias is None:
+        shape = getattr(module, "normalized_shape", None)
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 1):
+            return None
+        size = int(shape[0])
+    else:
+        size = int((weight if weight is not None else bias).shape[0])
+    eps_values = _eps_candidates(module)
+    if not eps_values:
+        return None
+    probe = _probe_copy(module)
+    with torch.device("cpu"):
+        return _match_norm_formula(probe, weight, bias, size, eps_values)
+
+
+def _match_norm_formula(probe, weight, bias, size, eps_values) -> NormSpec | None:
+    p_weight = getattr(probe, "weight", None) if weight is not None else None
+    p_bias = getattr(probe, "bias", None) if bias is not None else None
+    gen = torch.Generator().manual_seed(2)
+    for channel_dim, shape in ((-1, (3, 5, size)), (1, (2, size, 3, 2))):
+        x = torch.randn(shape, generator=gen) * 2 + 0.7
+        # one small-variance slice, so a wrong eps shows
+        if channel_dim == -1:
+            x[0, 0] = x[0, 0] * 1e-3 + 0.1
+        else:
+            x[0, :, 0, 0] = x[0, :, 0, 0] * 1e-3 + 0.1
+        try:
+            with torch.no_grad():
+                y = probe(x)
+        except Exception:
+            continue
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            continue
+        y = y.double()
+        for kind in ("layer_norm", "rms_norm"):
+            for eps in eps_values:
+                for offset in (0.0, 1.0) if p_weight is not None else (0.0,):
+                    scale = None if p_weight is None else p_weight.detach() + offset
+                    ref = _formula(x, kind, eps, scale, p_bias, channel_dim)
+                    err = (y - ref).abs().max().item()
+                    if math.isfinite(err) and err <= 1e-4 * max(1.0, ref.abs().max().item()):
+                        return NormSpec(kind, eps, size, weight is not None, bias is not None, offset, channel_dim)
+    return None

@@ -1,0 +1,84 @@
+"""What the analysis found, site by site: the plan that ``apply`` carries out and the report shows.
+
+Analysis changes nothing; it produces a :class:`Plan`. Every site carries its action and, when it is
+skipped or only partly converted, the reason in words a user can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormKind = Literal["layer_norm", "rms_norm"]
+ActivationKind = Literal["gelu", "gelu_tanh", "silu"]
+# fold:        the norm's weight (and bias, when every consumer has one) moves into the consumers;
+#              the MS norm then emits x_hat (+ the bias it kept) and backward needs no division.
+# keep_affine: consumers keep the norm output as-is (post-norm residual, tied weights...); the MS
+#              norm applies its own affine and backward recovers x_hat = (y - bias) / weight.
+# skip:        left untouched; `reason` says why.
+NormAction = Literal["fold", "keep_affine", "skip"]
+ActivationAction = Literal["convert", "skip"]
+# linear: weight [out, in] (nn.Linear, PEFT LoRA base/lora_A);  conv1d: weight [in, out] (HF Conv1D)
+ConsumerLayout = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer whose input is the norm's output (possibly through affine-commuting ops)."""
+
+    module: str  # fully qualified module name, e.g. "model.layers.0.self_attn.q_proj"
+    weight: str  # fully qualified parameter name of the weight
+    bias: str | None  # fully qualified parameter name of the bias, None if the layer has none
+    layout: ConsumerLayout
+    shares_output: bool  # True when it receives the norm's output tensor itself (or a view of it)
+
+
+@dataclass
+class NormSite:
+    """One normalization module and what happens to it."""
+
+    module: str
+    kind: NormKind
+    eps: float
+    weight: str | None  # parameter names of the norm's own affine (None when absent)
+    bias: str | None
+    weight_offset: float = 0.0  # 1.0 for Gemma-style norms that scale by (1 + w)
+    channel_dim: int = -1  # the normalized dim as the module sees its input (-1, or 1 for NCHW)
+    consumers: tuple[Consumer, ...] = ()
+    action: NormAction = "skip"
+    fold_bias: bool = False  # fold: bias moved into consumers too (all of them have a bias)
+    autocast_output: bool = False  # may emit the autocast dtype (all users cast it anyway)
+    already_folded: bool = False  # affine is identity already (a converted checkpoint)
+    reason: str = ""
+
+
+@dataclass
+class ActivationSite:
+    module: str
+    kind: ActivationKind
+    action: ActivationAction = "convert"
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    """Everything the analysis decided, before anything is changed."""
+
+    norms: list[NormSite] = field(default_factory=list)
+    activations: list[ActivationSite] = field(default_factory=list)
+    capture: str = ""  # how the graph was captured, or why it could not be
+    notes: list[str] = field(default_factory=list)
+
+    def norm(self, module: str) -> NormSite:
+        for site in self.norms:
+            if site.module == module:
+                return site
+        raise KeyError(module)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)

@@ -1,0 +1,82 @@
+"""The conversion report: what changed, what was skipped and why, and bytes saved when measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .plan import Plan
+
+
+def _short(fqn: str) -> str:
+    return fqn.rpartition(".")[2] or fqn
+
+
+@dataclass
+class Report:
+    """Printable summary of one ``convert()`` call (``print(model.lowmembp_report)``)."""
+
+    model: str
+    plan: Plan
+    notes: list[str] = field(default_factory=list)
+    bytes_before: int | None = None  # bytes saved for backward in one step, before conversion
+    bytes_after: int | None = None
+
+    @property
+    def converted_norms(self) -> int:
+        return sum(s.action != "skip" for s in self.plan.norms)
+
+    @property
+    def converted_activations(self) -> int:
+        return sum(s.action == "convert" for s in self.plan.activations)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.converted_norms or self.converted_activations)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        plan = self.plan
+        actions = Counter(s.action for s in plan.norms)
+        kinds = Counter(s.kind for s in plan.activations if s.action == "convert")
+        lines = [f"lowmembp_convert report for {self.model}"]
+        lines.append(f"  graph capture: {plan.capture or 'n/a'}")
+        lines.append(
+            f"  activations: {self.converted_activations} converted"
+            + (f" ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))})" if kinds else "")
+            + f", {sum(s.action == 'skip' for s in plan.activations)} skipped"
+        )
+        lines.append(
+            f"  norms: {actions['fold']} folded, {actions['keep_affine']} memory-sharing with own affine, "
+            f"{actions['skip']} skipped"
+        )
+        if self.bytes_before is not None and self.bytes_after is not None and self.bytes_before:
+            saved = 1 - self.bytes_after / self.bytes_before
+            lines.append(
+                f"  saved for backward (one step, example batch): {self.bytes_before / 2**20:.2f} MiB -> "
+                f"{self.bytes_after / 2**20:.2f} MiB ({-saved:+.1%})"
+            )
+        if not self.changed:
+            lines.append("  nothing to convert: no GELU/SiLU module and no foldable LayerNorm/RMSNorm found")
+        if plan.norms:
+            width = max(len(s.module) for s in plan.norms)
+            lines.append("  norm sites:")
+            for s in plan.norms:
+                consumers = ", ".join(_short(c.module) + ("" if c.shares_output else " (copy)") for c in s.consumers)
+                detail = f"{s.kind} -> {consumers}" if consumers else s.kind
+                lines.append(f"    {s.module:<{width}}  {s.action:<11}  {detail}")
+                if s.reason:
+                    lines.append(f"    {'':<{width}}  {'':<11}  ({s.reason})")
+        skipped = [a for a in plan.activations if a.action == "skip"]
+        for a in skipped:
+            lines.append(f"  activation {a.module} skipped: {a.reason}")
+        for note in plan.notes + self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Apply a :class:`Plan` to the user's model, in place.
+
+Only submodules are swapped and parameters edited in place (``param.data`` keeps its identity, so an
+optimizer or PEFT wrapper built earlier still points at the right tensors); the model keeps its class
+and every method (``save_pretrained``, ``generate``, timm's ``forward_features``...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..nn.activations import ReGELU2, ReSiLU2
+from ..nn.norms import MSLayerNorm, MSRMSNorm
+from ..plan import ActivationSite, NormSite, Plan
+from .folding import fold_affine_into
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> int:
+    """Point every parent that holds ``old`` (under any name) at ``new``; returns how many."""
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[name] = new
+                count += 1
+    return count
+
+
+def _untie(model: nn.Module, module_fqn: str, local: str) -> str:
+    """Give ``module_fqn.local`` its own copy of a weight it shares with other layers."""
+    module = model.get_submodule(module_fqn)
+    shared = getattr(module, local)
+    setattr(module, local, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return f"untied {module_fqn}.{local} from the weight it shared (config.tie_word_embeddings=False)"
+
+
+def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) -> None:
+    norm = model.get_submodule(site.module)
+    weight = getattr(norm, "weight", None) if site.weight else None
+    bias = getattr(norm, "bias", None) if site.bias else None
+    gamma = None if weight is None else weight.detach() + site.weight_offset
+    beta = bias.detach() if (bias is not None and site.fold_bias) else None
+    shared = _shared_param_ids(model) if untie else set()
+    for consumer in site.consumers:
+        module = model.get_submodule(consumer.module)
+        local_w = consumer.weight.rpartition(".")[2]
+        if id(getattr(module, local_w)) in shared:
+            notes.append(_untie(model, consumer.module, local_w))
+        w = getattr(module, local_w)
+        b = model.get_parameter(consumer.bias) if consumer.bias else None
+        new_w, new_b = fold_affine_into(w, b, gamma, beta, consumer.layout)
+        with torch.no_grad():
+            w.copy_(new_w)
+            if b is not None and new_b is not None:
+                b.copy_(new_b)
+
+
+def _shared_param_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _name, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
+
+
+def _ms_norm_for(norm: nn.Module, site: NormSite) -> nn.Module:
+    cls = MSLayerNorm if site.kind == "layer_norm" else MSRMSNorm
+    weight = getattr(norm, "weight", None) if site.weight else None
+    bias = getattr(norm, "bias", None) if site.bias else None
+    size = (weight if weight is not None else bias).shape[0] if (weight is not None or bias is not None) else None
+    if size is None:
+        size = int(norm.normalized_shape[0])
+    keep = site.action == "keep_affine"
+    ms = cls(
+        size,
+        site.eps,
+        weight=weight,
+        bias=bias,
+        affine_weight=keep and weight is not None,
+        affine_bias=bias is not None and (keep or not site.fold_bias),
+        weight_offset=site.weight_offset,
+        channel_dim=site.channel_dim,
+        autocast_output=site.autocast_output,
+    )
+    ms.train(norm.training)
+    return ms
+
+
+def _activation_for(site: ActivationSite) -> nn.Module:
+    if site.kind == "silu":
+        return ReSiLU2()
+    return ReGELU2(approximate="tanh" if site.kind == "gelu_tanh" else "none")
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) -> list[str]:
+    """Carry out ``plan`` on ``model`` in place; returns notes for the report."""
+    notes: list[str] = []
+    for site in plan.norms:
+        if site.action == "skip":
+            continue
+        norm = model.get_submodule(site.module)
+        if site.action == "fold" and not site.already_folded:
+            _fold_site(model, site, untie_embeddings, notes)
+        replace_module(model, norm, _ms_norm_for(norm, site))
+    for site in plan.activations:
+        if site.action != "convert":
+            continue
+        old = model.get_submodule(site.module)
+        new = _activation_for(site)
+        new.train(old.training)
+        replace_module(model, old, new)
+    return notes
