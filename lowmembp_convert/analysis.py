@@ -132,6 +132,7 @@ class _Analyzer:
                     bias=(f"{module}.{local_b}" if module else local_b) if local_b else None,
                     layout=use.layout,
                     shares_output=use.shares_output,
+                    groups=use.groups,
                 )
             )
             nodes.add(use.node)

@@ -30,8 +30,10 @@ class LinearUse:
     node: fx.Node
     weight: fx.Node
     bias: fx.Node | None
-    layout: str  # "linear" (weight [out, in]) or "conv1d" (weight [in, out])
+    layout: str  # "linear" (weight [out, in]), "conv1d" (weight [in, out]) or "conv"
     shares_output: bool
+    groups: int = 1
+    zero_padded: bool = False  # a conv that pads with zeros: commutes with a scale, not a shift
 
 
 @dataclass
@@ -212,6 +214,13 @@ def _linear_use(node: fx.Node, src: fx.Node, pos: int, ndim: int, shares: bool) 
         return LinearUse(node, node.args[1], bias, "linear", shares)
     if op == "addmm" and len(node.args) >= 3 and node.args[1] is src and pos == ndim - 1:
         return LinearUse(node, node.args[2], node.args[0], "conv1d", shares)
+    if op in ("conv1d", "conv2d", "conv3d") and node.args[0] is src and pos == 1:
+        args = list(node.args) + [None] * 7
+        bias, padding, groups = args[2], args[4], args[6] or 1
+        padded = isinstance(padding, str) and padding == "same" or (
+            not isinstance(padding, str) and any(padding or [])
+        )
+        return LinearUse(node, node.args[1], bias, "conv", shares, int(groups), bool(padded))
     return None
 
 
@@ -232,6 +241,8 @@ def walk_from(start: fx.Node, channel_dim: int) -> WalkResult:
             use = _linear_use(user, src, pos, src_val.dim() if src_val is not None else 0, shares)
             if use is not None:
                 result.uses.append(use)
+                if use.zero_padded:
+                    result.bias_blockers.append(f"{_where(user)} pads with zeros (a shift would leak into the border)")
                 continue
             kind, new_pos, is_view, note = _transfer(user, src, pos)
             if kind == "ignore":

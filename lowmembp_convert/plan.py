@@ -20,8 +20,9 @@ ActivationKind = Literal["gelu", "gelu_tanh", "silu"]
 # skip:        left untouched; `reason` says why.
 NormAction = Literal["fold", "keep_affine", "skip"]
 ActivationAction = Literal["convert", "skip"]
-# linear: weight [out, in] (nn.Linear, PEFT LoRA base/lora_A);  conv1d: weight [in, out] (HF Conv1D)
-ConsumerLayout = Literal["linear", "conv1d"]
+# linear: weight [out, in] (nn.Linear, PEFT LoRA base/lora_A);  conv1d: weight [in, out] (HF Conv1D);
+# conv: weight [out, in / groups, *kernel] (nn.Conv1d/2d/3d; the norm's channels are the input channels)
+ConsumerLayout = Literal["linear", "conv1d", "conv"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Consumer:
     bias: str | None  # fully qualified parameter name of the bias, None if the layer has none
     layout: ConsumerLayout
     shares_output: bool  # True when it receives the norm's output tensor itself (or a view of it)
+    groups: int = 1  # convolution groups (layout "conv")
 
 
 @dataclass

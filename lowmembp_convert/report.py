@@ -11,7 +11,9 @@ from .plan import Plan
 
 
 def _short(fqn: str) -> str:
-    return fqn.rpartition(".")[2] or fqn
+    parts = fqn.split(".")
+    # "downsample.1" reads better than "1"
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1].isdigit() else parts[-1]
 
 
 @dataclass

@@ -52,7 +52,7 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
             notes.append(_untie(model, consumer.module, local_w))
         w = getattr(module, local_w)
         b = model.get_parameter(consumer.bias) if consumer.bias else None
-        new_w, new_b = fold_affine_into(w, b, gamma, beta, consumer.layout)
+        new_w, new_b = fold_affine_into(w, b, gamma, beta, consumer.layout, consumer.groups)
         with torch.no_grad():
             w.copy_(new_w)
             if b is not None and new_b is not None:
