@@ -248,7 +248,9 @@ def _find_norms(model: nn.Module, config: ConvertConfig, plan: Plan) -> list[tup
             continue
         if not _selected(config, module, fqn):
             plan.norms.append(
-                NormSite(module=fqn, kind=spec.kind, eps=spec.eps, weight=None, bias=None, reason="excluded by filter_fn")
+                NormSite(
+                    module=fqn, kind=spec.kind, eps=spec.eps, weight=None, bias=None, reason="excluded by filter_fn"
+                )
             )
             continue
         found.append((fqn, module, spec))

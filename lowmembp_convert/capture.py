@@ -129,8 +129,10 @@ def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None)
     args, kwargs = example_inputs if example_inputs is not None else example_inputs_for(model)
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
-    wrap = not kwargs and callable(getattr(model, "forward_features", None)) and callable(
-        getattr(model, "forward_head", None)
+    wrap = (
+        not kwargs
+        and callable(getattr(model, "forward_features", None))
+        and callable(getattr(model, "forward_head", None))
     )
     try:
         model.train()

@@ -128,7 +128,9 @@ def _probe_copy_cpu(module: nn.Module) -> nn.Module:
     probe = probe.float()
     with torch.no_grad():
         for name, p in probe.named_parameters(recurse=False):
-            values = torch.rand(p.shape, generator=gen) + 0.5 if name == "weight" else torch.randn(p.shape, generator=gen)
+            values = (
+                torch.rand(p.shape, generator=gen) + 0.5 if name == "weight" else torch.randn(p.shape, generator=gen)
+            )
             p.copy_(values)
     return probe.eval()
 

@@ -41,9 +41,7 @@ def use_triton(x: torch.Tensor) -> bool:
     forced = _forced if _forced is not None else _env_flag("LOWMEMBP_FORCE_TRITON")
     if forced:
         if not triton_available():
-            raise RuntimeError(
-                "LOWMEMBP_FORCE_TRITON is set but triton is not importable; pip install triton"
-            )
+            raise RuntimeError("LOWMEMBP_FORCE_TRITON is set but triton is not importable; pip install triton")
         return True
     if _env_flag("LOWMEMBP_DISABLE_TRITON"):
         return False

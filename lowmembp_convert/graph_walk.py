@@ -217,9 +217,7 @@ def _linear_use(node: fx.Node, src: fx.Node, pos: int, ndim: int, shares: bool) 
     if op in ("conv1d", "conv2d", "conv3d") and node.args[0] is src and pos == 1:
         args = list(node.args) + [None] * 7
         bias, padding, groups = args[2], args[4], args[6] or 1
-        padded = isinstance(padding, str) and padding == "same" or (
-            not isinstance(padding, str) and any(padding or [])
-        )
+        padded = isinstance(padding, str) and padding == "same" or (not isinstance(padding, str) and any(padding or []))
         return LinearUse(node, node.args[1], bias, "conv", shares, int(groups), bool(padded))
     return None
 

@@ -1,0 +1,6 @@
+"""Thin modules over the ops: what the converter swaps into a model."""
+
+from .activations import ReGELU2, ReSiLU2
+from .norms import MSLayerNorm, MSRMSNorm
+
+__all__ = ["MSLayerNorm", "MSRMSNorm", "ReGELU2", "ReSiLU2"]

@@ -104,7 +104,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) 
         norm = model.get_submodule(site.module)
         if site.action == "fold" and not site.already_folded:
             _fold_site(model, site, untie_embeddings, notes)
-        replace_module(model, norm, _ms_norm_for(norm, site))
+        ms = _ms_norm_for(norm, site)
+        if site.action == "keep_affine" and not site.autocast_output:
+            # post-norm: the residual needs full precision, the Linears read the autocast twin
+            for consumer in site.consumers:
+                if consumer.shares_output and consumer.layout == "linear":
+                    ms.feed_twin_to(model.get_submodule(consumer.module))
+        replace_module(model, norm, ms)
     for site in plan.activations:
         if site.action != "convert":
             continue

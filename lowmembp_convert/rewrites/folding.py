@@ -5,9 +5,10 @@ For y = x_hat * gamma + beta feeding z = W y + b (``linear`` layout, W is [out, 
 so W' = W * gamma (scale input columns) and b' = b + W @ beta. The ``conv1d`` layout (transformers'
 Conv1D, W is [in, out], z = y @ W + b) scales rows instead. The math runs in float64 and is cast
 back once, so folding adds one rounding, not a chain of them. The ``conv`` layout (W is
-[out, in / groups, *kernel]) scales each weight by the gamma of the input channel it reads; its bias
-shift sums W over the kernel (valid only without zero padding, which the analysis checks). Tensor-level on purpose: the in-memory
-rewrite and the streaming checkpoint converter call the same function.
+[out, in / groups, *kernel]) scales each weight by the gamma of the input channel it reads; its
+bias shift sums W over the kernel (valid only without zero padding, which the analysis checks).
+Tensor-level on purpose: the in-memory rewrite and the streaming checkpoint converter call the same
+function.
 """
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""Memory-sharing norm modules: the thin ``nn.Module`` face of :mod:`lowmembp_convert.ops.norms`.
+
+The converter swaps a model's LayerNorm / RMSNorm for one of these. With the affine folded into the
+consumers (plan action ``fold``) the module emits x_hat (plus a kept bias); with ``keep_affine`` it
+applies the original Parameters itself. Either way backward saves only the output y (shared with
+the consumer) and rstd.
+
+State dict compatibility: a folded affine is not dropped but kept as a persistent buffer under the
+same name holding the identity value, so a converted checkpoint has the stock module's keys and,
+loaded into the stock class, computes the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lowmembp_convert.ops.norm_twin import ms_norm_with_twin
+from lowmembp_convert.ops.norms import ms_layer_norm, ms_rms_norm
+
+__all__ = ["MSLayerNorm", "MSRMSNorm"]
+
+_TWIN_ATTR = "_lowmembp_twin"
+
+
+class _MSNorm(nn.Module):
+    lowmembp_converted = True  # the converter leaves modules carrying this alone
+    _rms: bool
+
+    def __init__(
+        self,
+        normalized_size: int,
+        eps: float,
+        *,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        affine_weight: bool = False,
+        affine_bias: bool = False,
+        weight_offset: float = 0.0,
+        channel_dim: int = -1,
+        autocast_output: bool = False,
+    ) -> None:
+        """Args:
+        normalized_size: N, the size of the normalized dim.
+        eps: added to the variance (LayerNorm) or the mean square (RMSNorm).
+        weight: the original module's weight, or None if it had none.
+        bias: the original module's bias, or None if it had none.
+        affine_weight: True: ``weight`` (an nn.Parameter) is registered as that same Parameter
+            and used in forward. False: a given ``weight`` was folded away; a persistent buffer of
+            identity values (``1 - weight_offset``) takes its state_dict key, unused in forward.
+        affine_bias: the same for ``bias`` (identity value 0).
+        weight_offset: the scale is ``weight + weight_offset`` (1.0 for Gemma's ``(1 + w)``).
+        channel_dim: the normalized dim of the input: -1, or 1 for NCHW (LayerNorm2d-style).
+        autocast_output: under autocast, emit the autocast dtype (every consumer casts to it
+            anyway, and emitting it spares the consumer a saved cast copy).
+        """
+        super().__init__()
+        self.normalized_size = int(normalized_size)
+        self.normalized_shape = (self.normalized_size,)
+        self.eps = float(eps)
+        self.weight_offset = float(weight_offset)
+        self.channel_dim = int(channel_dim)
+        self.autocast_output = bool(autocast_output)
+        self.affine_weight = bool(affine_weight)
+        self.affine_bias = bool(affine_bias)
+        identity_weight = 1.0 - self.weight_offset  # ones, or zeros for (1 + w) norms
+        self._register_affine("weight", weight, self.affine_weight, identity_weight)
+        self._register_affine("bias", bias, self.affine_bias, 0.0)
+        # Post-norm under autocast: consumers registered with `feed_twin_to` get the low-precision
+        # twin of the output (see ops/norm_twin.py). The twin rides on the output tensor itself as
+        # an attribute, so it lives exactly as long as the output does: nothing outlives a step.
+        self.autocast_twin = False
+
+    def feed_twin_to(self, consumer: nn.Module) -> None:
+        """Make ``consumer`` (a Linear fed this norm's output) read the autocast-dtype twin."""
+        self.autocast_twin = True
+        consumer.register_forward_pre_hook(self._substitute_twin)
+
+    def _substitute_twin(self, _consumer: nn.Module, args: tuple):
+        if not args or torch.compiler.is_compiling():
+            return None
+        twin = getattr(args[0], _TWIN_ATTR, None)
+        if twin is not None and torch.is_autocast_enabled(twin.device.type):
+            return (twin, *args[1:])
+        return None
+
+    def _wants_twin(self, x: torch.Tensor) -> bool:
+        return (
+            self.autocast_twin
+            and torch.is_grad_enabled()
+            and torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+        )
+
+    def _register_affine(self, name: str, tensor: torch.Tensor | None, used: bool, identity: float) -> None:
+        cls = type(self).__name__
+        if used:
+            if not isinstance(tensor, nn.Parameter):
+                raise TypeError(
+                    f"{cls}: affine_{name}=True needs {name} to be the original nn.Parameter "
+                    f"(got {type(tensor).__name__}); pass the stock module's .{name} itself so "
+                    f"optimizer references and state_dict keys survive"
+                )
+            if tuple(tensor.shape) != self.normalized_shape:
+                raise ValueError(
+                    f"{cls}: {name} has shape {tuple(tensor.shape)}, expected {self.normalized_shape}"
+                )
+            self.register_parameter(name, tensor)
+        elif tensor is not None:
+            # Folded away: keep the key, with a value that makes the stock module compute x_hat.
+            value = torch.full(tensor.shape, identity, dtype=tensor.dtype, device=tensor.device)
+            self.register_buffer(name, value, persistent=True)
+        else:
+            self.register_parameter(name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moved = self.channel_dim not in (-1, x.dim() - 1)
+        if moved:
+            x = x.movedim(self.channel_dim, -1)
+        if self._wants_twin(x) and not moved:
+            weight = self.weight if self.affine_weight else None
+            bias = self.bias if self.affine_bias else None
+            low = torch.get_autocast_dtype(x.device.type)
+            y, twin = ms_norm_with_twin(x, weight, bias, self.eps, self.weight_offset, self._rms, low)
+            setattr(y, _TWIN_ATTR, twin)
+            return y
+        out_dtype = None
+        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        norm = ms_rms_norm if self._rms else ms_layer_norm
+        y = norm(
+            x,
+            self.weight if self.affine_weight else None,
+            self.bias if self.affine_bias else None,
+            eps=self.eps,
+            weight_offset=self.weight_offset,
+            out_dtype=out_dtype,
+        )
+        # A view of the normalized (saved) storage, so a consumer that saves it shares it.
+        return y.movedim(-1, self.channel_dim) if moved else y
+
+    def extra_repr(self) -> str:
+        kept = [n for n, used in (("weight", self.affine_weight), ("bias", self.affine_bias)) if used]
+        mode = f"affine({'+'.join(kept)})" if kept else "folded"
+        return (
+            f"{self.normalized_size}, eps={self.eps:g}, mode={mode}, weight_offset={self.weight_offset:g}, "
+            f"channel_dim={self.channel_dim}, autocast_output={self.autocast_output}"
+        )
+
+
+class MSLayerNorm(_MSNorm):
+    """Memory-sharing LayerNorm over one dim (last, or ``channel_dim``). See :class:`_MSNorm`.
+
+    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row.
+    """
+
+    _rms = False
+
+
+class MSRMSNorm(_MSNorm):
+    """Memory-sharing RMSNorm over one dim (last, or ``channel_dim``). See :class:`_MSNorm`.
+
+    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row.
+    """
+
+    _rms = True

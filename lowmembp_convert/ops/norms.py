@@ -1,0 +1,574 @@
+"""Memory-sharing LayerNorm and RMSNorm (MS-BP, METHOD.md section 2): launchers, reference, autograd.
+
+A stock norm saves its input x for backward while the Linear after it saves the norm's output y:
+two tensors of the same size. These norms save y itself (the very tensor they return, so the
+consumer's saved input is the same storage) plus rstd, one float per row, and rebuild
+x_hat = (y - b) / (w + weight_offset) in backward. Nothing else is saved: no x, no mean, no x_hat.
+
+Three tiers:
+- ``kernels/norms.py`` (installed as ``lowmembp_convert.kernels.norms``): the ``@triton.jit`` code.
+- here: Triton launchers (imported lazily, so a CPU-only install never imports Triton), the torch
+  reference (the same saved state, and the oracle the kernels are tested against), and three
+  ``torch.library.custom_op``s - ``lowmembp::ms_norm_fwd``, ``lowmembp::ms_norm_bwd`` (dx) and
+  ``lowmembp::ms_norm_bwd_affine`` (dweight / dbias, only run when they require grad) - with fake
+  implementations and autograd, so ``torch.compile(fullgraph=True)`` traces them without breaks.
+- the public functions :func:`ms_layer_norm` and :func:`ms_rms_norm`.
+
+Each op picks its path once through :func:`lowmembp_convert.dispatch.use_triton`. float64 always
+takes the reference (the kernels compute in float32), which keeps ``gradcheck`` meaningful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowmembp_convert.dispatch import use_triton
+
+__all__ = [
+    "ms_layer_norm",
+    "ms_rms_norm",
+    "ms_norm_fwd",
+    "ms_norm_bwd",
+    "ms_norm_bwd_affine",
+    "reference_fwd",
+    "reference_bwd",
+    "reference_bwd_affine",
+]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when any operand is float64 (gradcheck)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _as_rows(t: Tensor, n: int) -> Tensor:
+    """[..., n] -> [rows, n] with unit column stride (a view when possible, else a copy)."""
+    rows = math.prod(t.shape[:-1])
+    t2d = t.reshape(rows, n)
+    if n > 1 and t2d.stride(1) != 1:
+        t2d = t2d.contiguous()
+    return t2d
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton launchers
+# --------------------------------------------------------------------------------------------------
+
+# Longest row normalized in one pass with the row in registers; longer rows loop over blocks of
+# this size. Module-level so tests can lower it and reach the loop path with small shapes.
+MAX_FUSED_BLOCK_N = 8192
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Launch parameters of the three norm kernels for one [M, N] problem."""
+
+    block_n: int  # row kernels: columns per block
+    one_block: bool  # row kernels: N <= block_n, single pass
+    num_warps: int  # row kernels
+    affine_block_m: int  # column-reduction kernel: rows per tile
+    affine_block_n: int  # column-reduction kernel: columns per program
+    affine_rows_per_program: int  # column-reduction kernel: rows summed by one program
+    affine_row_groups: int  # column-reduction kernel: programs along the rows (partial sums)
+    affine_num_warps: int
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def _num_programs_target(device: torch.device) -> int:
+    """About four programs per SM for the column reduction; a few in the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def launch_settings(rows: int, n: int, device: torch.device) -> LaunchSettings:
+    """All launch settings of the norm kernels, in one place.
+
+    Row kernels: one program per row, a power-of-two block of at least 16 and at most
+    ``MAX_FUSED_BLOCK_N`` columns, about 16 elements per thread (1 to 16 warps). Column reduction:
+    32 x 128 tiles, row groups sized so the grid has about four programs per SM.
+    """
+    block_n = min(max(_next_power_of_2(n), 16), MAX_FUSED_BLOCK_N)
+    num_warps = min(max(block_n // 256, 1), 16)
+    affine_block_m = 32
+    affine_block_n = min(max(_next_power_of_2(n), 16), 128)
+    col_blocks = -(-n // affine_block_n)
+    row_tiles = max(-(-rows // affine_block_m), 1)
+    groups = min(max(_num_programs_target(device) // col_blocks, 1), row_tiles)
+    rows_per_program = -(-row_tiles // groups) * affine_block_m
+    return LaunchSettings(
+        block_n=block_n,
+        one_block=n <= block_n,
+        num_warps=num_warps,
+        affine_block_m=affine_block_m,
+        affine_block_n=affine_block_n,
+        affine_rows_per_program=rows_per_program,
+        affine_row_groups=max(-(-rows // rows_per_program), 1),
+        affine_num_warps=4,
+    )
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _kernels():
+    # Lazy: importing this module must not import Triton.
+    from lowmembp_convert.kernels import norms
+
+    return norms
+
+
+def triton_fwd(
+    x2d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    rms: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel on [M, N] rows (unit column stride). Returns (y [M, N], rstd [M])."""
+    rows, n = x2d.shape
+    y = torch.empty((rows, n), dtype=out_dtype, device=x2d.device)
+    rstd = torch.empty((rows,), dtype=torch.float32, device=x2d.device)
+    s = launch_settings(rows, n, x2d.device)
+    with _device_guard(x2d):
+        _kernels().ms_norm_fwd_kernel[(rows,)](
+            x2d,
+            y,
+            weight if weight is not None else x2d,  # never read without HAS_WEIGHT
+            bias if bias is not None else x2d,
+            rstd,
+            x2d.stride(0),
+            y.stride(0),
+            n,
+            eps,
+            weight_offset,
+            RMS=rms,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=s.block_n,
+            ONE_BLOCK=s.one_block,
+            num_warps=s.num_warps,
+        )
+    return y, rstd
+
+
+def triton_bwd(
+    dy2d: Tensor,
+    y2d: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    rms: bool,
+    dx_dtype: torch.dtype,
+) -> Tensor:
+    """Launch the backward (dx) kernel on [M, N] rows. Returns dx [M, N] in ``dx_dtype``."""
+    rows, n = y2d.shape
+    dx = torch.empty((rows, n), dtype=dx_dtype, device=y2d.device)
+    s = launch_settings(rows, n, y2d.device)
+    with _device_guard(y2d):
+        _kernels().ms_norm_bwd_kernel[(rows,)](
+            dy2d,
+            y2d,
+            rstd,
+            weight if weight is not None else y2d,  # never read without HAS_WEIGHT
+            bias if bias is not None else y2d,
+            dx,
+            dy2d.stride(0),
+            y2d.stride(0),
+            dx.stride(0),
+            n,
+            weight_offset,
+            RMS=rms,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=s.block_n,
+            ONE_BLOCK=s.one_block,
+            num_warps=s.num_warps,
+        )
+    return dx
+
+
+def triton_bwd_affine(
+    dy2d: Tensor,
+    y2d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor]:
+    """Launch the column reduction; returns fp32 (dweight, dbias), each [N] when asked, else [0]."""
+    rows, n = y2d.shape
+    s = launch_settings(rows, n, y2d.device)
+    shape = (s.affine_row_groups, n)
+    dw_partial = torch.empty(shape if need_dweight else (0,), dtype=torch.float32, device=y2d.device)
+    db_partial = torch.empty(shape if need_dbias else (0,), dtype=torch.float32, device=y2d.device)
+    grid = (-(-n // s.affine_block_n), s.affine_row_groups)
+    with _device_guard(y2d):
+        _kernels().ms_norm_bwd_affine_kernel[grid](
+            dy2d,
+            y2d,
+            weight if weight is not None else y2d,  # never read without HAS_WEIGHT
+            bias if bias is not None else y2d,
+            dw_partial if need_dweight else db_partial,  # never written without COMPUTE_DW
+            db_partial if need_dbias else dw_partial,
+            dy2d.stride(0),
+            y2d.stride(0),
+            rows,
+            n,
+            s.affine_rows_per_program,
+            weight_offset,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            COMPUTE_DW=need_dweight,
+            COMPUTE_DB=need_dbias,
+            BLOCK_M=s.affine_block_m,
+            BLOCK_N=s.affine_block_n,
+            num_warps=s.affine_num_warps,
+        )
+    # A handful of partial rows (about 4 programs per SM in all): summed here, deterministically.
+    dweight = dw_partial.sum(0) if need_dweight else dw_partial
+    dbias = db_partial.sum(0) if need_dbias else db_partial
+    return dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference (same saved state; the oracle of the kernels)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_fwd(
+    x2d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    rms: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Torch forward on [M, N] rows, math in float32 (float64 for float64). Returns (y, rstd [M])."""
+    acc = _compute_dtype(x2d.dtype)
+    x = x2d.to(acc)
+    if rms:
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        x_hat = x * rstd
+    else:
+        var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = (x - mean) * rstd
+    y = x_hat
+    if weight is not None:
+        y = y * (weight.to(acc) + weight_offset)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(out_dtype).contiguous(), rstd.squeeze(-1)
+
+
+def _reference_recover(
+    y2d: Tensor, dy2d: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float
+) -> tuple[Tensor, Tensor]:
+    """x_hat = (y - b) / w_eff and g = dy * w_eff, in the compute dtype."""
+    acc = _compute_dtype(y2d.dtype, dy2d.dtype)
+    x_hat = y2d.to(acc)
+    g = dy2d.to(acc)
+    if bias is not None:
+        x_hat = x_hat - bias.to(acc)
+    if weight is not None:
+        w_eff = weight.to(acc) + weight_offset
+        x_hat = x_hat / w_eff
+        g = g * w_eff
+    return x_hat, g
+
+
+def reference_bwd(
+    dy2d: Tensor,
+    y2d: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    rms: bool,
+    dx_dtype: torch.dtype,
+) -> Tensor:
+    """Torch backward (dx) on [M, N] rows from y and rstd only."""
+    x_hat, g = _reference_recover(y2d, dy2d, weight, bias, weight_offset)
+    # dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without mean(g) for RMSNorm
+    dx = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
+    if not rms:
+        dx = dx - g.mean(-1, keepdim=True)
+    return (rstd.to(dx.dtype).unsqueeze(-1) * dx).to(dx_dtype)
+
+
+def reference_bwd_affine(
+    dy2d: Tensor,
+    y2d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor]:
+    """Torch dweight = sum_rows(dy * x_hat), dbias = sum_rows(dy); [0]-sized when not asked."""
+    acc = _compute_dtype(y2d.dtype, dy2d.dtype)
+    empty = dy2d.new_empty((0,), dtype=acc)
+    dweight = dbias = empty
+    if need_dweight:
+        x_hat, _ = _reference_recover(y2d, dy2d, weight, bias, weight_offset)
+        dweight = (dy2d.to(acc) * x_hat).sum(0)
+    if need_dbias:
+        dbias = dy2d.to(acc).sum(0)
+    return dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: one dispatch point each, fake implementations, autograd
+# --------------------------------------------------------------------------------------------------
+
+
+def _takes_triton(x: Tensor) -> bool:
+    return x.dtype in _KERNEL_DTYPES and use_triton(x)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lowmembp::ms_norm_fwd", mutates_args=())
+def ms_norm_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    rms: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """Memory-sharing norm forward over the last dim. Returns (y, rstd).
+
+    Args:
+        x: input [..., N], any strides, float16 / bfloat16 / float32 (float64: reference only).
+        weight: [N] or None; the output is scaled by ``weight + weight_offset``.
+        bias: [N] or None; added after the scale.
+        eps: added to the variance (LayerNorm) or mean square (RMSNorm).
+        weight_offset: 1.0 for Gemma-style ``(1 + w)`` norms, else 0.0.
+        rms: True for RMSNorm, False for LayerNorm.
+        out_dtype: dtype of y (autocast); None keeps ``x.dtype``.
+
+    Returns y (contiguous, shape of x) and rstd (x.shape[:-1], float32; float64 for float64 x).
+    Both are what backward saves: y is the very tensor returned to the caller.
+    """
+    n = x.shape[-1]
+    out_dtype = out_dtype or x.dtype
+    if x.numel() == 0:
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        return y, torch.zeros(x.shape[:-1], dtype=_stats_dtype(x.dtype), device=x.device)
+    x2d = _as_rows(x, n)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    impl = triton_fwd if _takes_triton(x) else reference_fwd
+    y2d, rstd = impl(x2d, weight, bias, eps, weight_offset, rms, out_dtype)
+    return y2d.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@ms_norm_fwd.register_fake
+def _(x, weight, bias, eps, weight_offset, rms, out_dtype):
+    y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+    return y, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("lowmembp::ms_norm_bwd", mutates_args=())
+def ms_norm_bwd(
+    dy: Tensor,
+    y: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    rms: bool,
+    dx_dtype: torch.dtype,
+) -> Tensor:
+    """Memory-sharing norm backward: dx from dy, the saved y and rstd (and the parameters).
+
+    Args:
+        dy: gradient of y, [..., N], any strides.
+        y, rstd: what :func:`ms_norm_fwd` returned.
+        weight, bias, weight_offset, rms: as given to the forward.
+        dx_dtype: dtype of dx (the forward input's dtype).
+    """
+    n = y.shape[-1]
+    if y.numel() == 0:
+        return torch.zeros(y.shape, dtype=dx_dtype, device=y.device)
+    dy2d, y2d = _as_rows(dy, n), _as_rows(y, n)
+    rstd = rstd.reshape(-1).contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    impl = triton_bwd if _takes_triton(y) else reference_bwd
+    return impl(dy2d, y2d, rstd, weight, bias, weight_offset, rms, dx_dtype).view(y.shape)
+
+
+@ms_norm_bwd.register_fake
+def _(dy, y, rstd, weight, bias, weight_offset, rms, dx_dtype):
+    return y.new_empty(y.shape, dtype=dx_dtype)
+
+
+@torch.library.custom_op("lowmembp::ms_norm_bwd_affine", mutates_args=())
+def ms_norm_bwd_affine(
+    dy: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor]:
+    """Parameter gradients: dweight = sum_rows(dy * x_hat), dbias = sum_rows(dy).
+
+    Args:
+        dy: gradient of y, [..., N].
+        y: the saved forward output.
+        weight, bias, weight_offset: as given to the forward.
+        need_dweight, need_dbias: which to compute; the other comes back with shape [0].
+
+    Returns (dweight, dbias) in the dtypes of weight and bias.
+    """
+    n = y.shape[-1]
+    if need_dweight and weight is None:
+        raise ValueError("ms_norm_bwd_affine: need_dweight=True but the norm has no weight")
+    if need_dbias and bias is None:
+        raise ValueError("ms_norm_bwd_affine: need_dbias=True but the norm has no bias")
+    # Custom op outputs cannot be None: a gradient not asked for is a fresh [0] tensor.
+    dweight, dbias = y.new_empty((0,)), y.new_empty((0,))
+    if y.numel() == 0:
+        dweight = torch.zeros((n,), dtype=weight.dtype, device=y.device) if need_dweight else dweight
+        dbias = torch.zeros((n,), dtype=bias.dtype, device=y.device) if need_dbias else dbias
+        return dweight, dbias
+    dy2d, y2d = _as_rows(dy, n), _as_rows(y, n)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    impl = triton_bwd_affine if _takes_triton(y) else reference_bwd_affine
+    dweight_acc, dbias_acc = impl(dy2d, y2d, weight, bias, weight_offset, need_dweight, need_dbias)
+    if need_dweight:
+        dweight = dweight_acc.to(weight.dtype)
+    if need_dbias:
+        dbias = dbias_acc.to(bias.dtype)
+    return dweight, dbias
+
+
+@ms_norm_bwd_affine.register_fake
+def _(dy, y, weight, bias, weight_offset, need_dweight, need_dbias):
+    n = y.shape[-1]
+    dweight = weight.new_empty((n,)) if need_dweight else y.new_empty((0,))
+    dbias = bias.new_empty((n,)) if need_dbias else y.new_empty((0,))
+    return dweight, dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _eps, weight_offset, rms, _out_dtype = inputs
+    y, rstd = output
+    # The whole saved state: y (the returned tensor itself), rstd, and the parameters.
+    ctx.save_for_backward(y, rstd, weight, bias)
+    ctx.weight_offset = weight_offset
+    ctx.rms = rms
+    ctx.x_dtype = x.dtype
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
+    y, rstd, weight, bias = ctx.saved_tensors
+    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    dx = dweight = dbias = None
+    if need_dx:
+        dx = ms_norm_bwd(dy, y, rstd, weight, bias, ctx.weight_offset, ctx.rms, ctx.x_dtype)
+    need_dweight = bool(need_dweight and weight is not None)
+    need_dbias = bool(need_dbias and bias is not None)
+    if need_dweight or need_dbias:  # the folded (no affine) norm never gets here
+        dweight, dbias = ms_norm_bwd_affine(dy, y, weight, bias, ctx.weight_offset, need_dweight, need_dbias)
+        dweight = dweight if need_dweight else None
+        dbias = dbias if need_dbias else None
+    return dx, dweight, dbias, None, None, None, None
+
+
+ms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(name: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension (the normalized one)")
+    n = x.shape[-1]
+    for label, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (n,):
+            raise ValueError(
+                f"{name}: {label} has shape {tuple(p.shape)} but x's last dim is {n}; "
+                f"pass a 1-D {label} of size {n} (the norm acts over the last dim)"
+            )
+
+
+def ms_layer_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    weight_offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Memory-sharing LayerNorm over the last dim: y = (x - mean) * rstd * (w + offset) + b.
+
+    Args:
+        x: input [..., N]; any leading shape and strides; float32 / float16 / bfloat16.
+        weight: optional [N] scale (any float dtype). Omit it when it is folded into consumers.
+        bias: optional [N] shift.
+        eps: added to the biased variance.
+        weight_offset: the scale is ``weight + weight_offset`` (1.0 for ``(1 + w)`` norms).
+        out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
+
+    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias.
+    Backward rebuilds x_hat = (y - b) / (w + offset), so ``weight + offset`` must not be near 0.
+    """
+    _check("ms_layer_norm", x, weight, bias)
+    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), False, out_dtype)[0]
+
+
+def ms_rms_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Memory-sharing RMSNorm over the last dim: y = x * rstd * (w + offset) + b.
+
+    Args:
+        x: input [..., N]; any leading shape and strides; float32 / float16 / bfloat16.
+        weight: optional [N] scale (any float dtype). Omit it when it is folded into consumers.
+        bias: optional [N] shift.
+        eps: added to mean(x^2).
+        weight_offset: the scale is ``weight + weight_offset`` (1.0 for Gemma's ``(1 + w)``).
+        out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
+
+    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias.
+    Backward rebuilds x_hat = (y - b) / (w + offset), so ``weight + offset`` must not be near 0.
+    """
+    _check("ms_rms_norm", x, weight, bias)
+    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), True, out_dtype)[0]
