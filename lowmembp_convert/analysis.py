@@ -185,16 +185,22 @@ class _Analyzer:
         if conflicts and self.config.untie_embeddings and not blockers:
             site.reason = f"untie: {conflicts[0]}"
             conflicts = []
-        if not blockers and not conflicts:
+        # A shift moves into the consumers' biases only if every consumer has one and nothing on the
+        # way (zero padding, a sum) treats the shift differently from the scale; otherwise the whole
+        # affine stays in the norm (folding the scale alone would need the shift divided by it).
+        shift_problem = []
+        if spec.has_bias:
+            no_bias = [c.module for c in consumers if c.bias is None]
+            if no_bias:
+                shift_problem = [f"{no_bias[0]} has no bias to take the norm's shift"]
+            shift_problem += walk.bias_blockers[:1]
+        if not blockers and not conflicts and not shift_problem:
             site.action = "fold"
-            site.fold_bias = spec.has_bias and all(c.bias is not None for c in consumers) and not walk.bias_blockers
+            site.fold_bias = spec.has_bias
             site.autocast_output = True
-            site.already_folded = self._is_identity(module, spec, site.fold_bias)
-            if spec.has_bias and not site.fold_bias:
-                site.reason = "bias kept in the norm: " + (
-                    walk.bias_blockers[0] if walk.bias_blockers else "a consumer has no bias"
-                )
+            site.already_folded = self._is_identity(module, spec)
             return site
+        conflicts = conflicts + shift_problem
         why = (blockers + conflicts)[0]
         if not any(c.shares_output for c in consumers):
             site.reason = f"cannot fold ({why}) and no Linear receives the output itself, so nothing is shared"
@@ -208,7 +214,7 @@ class _Analyzer:
         site.reason = f"affine kept in the norm: {why}"
         return site
 
-    def _is_identity(self, module: nn.Module, spec: NormSpec, fold_bias: bool) -> bool:
+    def _is_identity(self, module: nn.Module, spec: NormSpec) -> bool:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         tensors = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
         if any(t.device.type == "meta" for t in tensors):
@@ -216,9 +222,9 @@ class _Analyzer:
         with torch.no_grad():
             if spec.has_weight and not torch.all(weight + spec.weight_offset == 1):
                 return False
-            if spec.has_bias and fold_bias and torch.any(bias != 0):
+            if spec.has_bias and torch.any(bias != 0):
                 return False
-        return spec.has_weight or (spec.has_bias and fold_bias)
+        return spec.has_weight or spec.has_bias
 
     def _weight_guard(self, module: nn.Module, spec: NormSpec) -> str:
         weight = getattr(module, "weight", None) if spec.has_weight else None

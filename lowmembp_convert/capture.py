@@ -71,6 +71,8 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> Ex
         vocab = getattr(config, "vocab_size", None) or 32
         ids = torch.randint(0, max(1, min(int(vocab), 1000)), (batch, seq_len), device=device)
         kwargs: dict[str, Any] = {"input_ids": ids}
+        if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
+            kwargs["decoder_input_ids"] = ids
         _add_flags(model, config, kwargs)
         return (), kwargs
     if main == "pixel_values":

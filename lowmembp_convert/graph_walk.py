@@ -174,6 +174,10 @@ def _transfer(node: fx.Node, src: fx.Node, pos: int) -> tuple[str, int | None, b
         if pos in [_norm_dim(d, ndim) for d in dims]:
             return "block", None, False, f"{_where(node)} reorders channels"
         return "pass", pos, False, ""
+    if op in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d"):
+        if pos != 1:
+            return "block", None, False, f"{_where(node)} pools over the normalized channels"
+        return "pass", pos, False, ""
     if op in ("mean", "sum", "amax", "amin"):
         dims = args[1] if len(args) > 1 else None
         if dims is None:

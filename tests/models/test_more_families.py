@@ -1,0 +1,83 @@
+"""Families no issue names: each converts with verify=True (outputs equal) and converts something.
+
+A broad net for the generic mechanism: every model is built from a tiny config with randomised norm
+weights and biases, converted with ``verify=True`` (which raises, naming the first diverging module,
+if the converted model's output differs from the original's), and must end with at least one site
+converted. Architecture-specific expectations live in test_families.py.
+"""
+
+import pytest
+import torch
+import transformers as tr
+
+import lowmembp_convert as lc
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+            max_position_embeddings=64)  # fmt: skip
+
+CASES = {
+    "opt": lambda: tr.OPTForCausalLM(tr.OPTConfig(word_embed_proj_dim=64, ffn_dim=128, **TINY)),
+    "phi": lambda: tr.PhiForCausalLM(tr.PhiConfig(num_key_value_heads=2, **TINY)),
+    "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(num_key_value_heads=2, pad_token_id=0, **TINY)),
+    "mixtral": lambda: tr.MixtralForCausalLM(
+        tr.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **TINY)
+    ),
+    "gpt_neox": lambda: tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(**TINY)),
+    "stablelm": lambda: tr.StableLmForCausalLM(tr.StableLmConfig(num_key_value_heads=2, **TINY)),
+    "gemma2": lambda: tr.Gemma2ForCausalLM(tr.Gemma2Config(num_key_value_heads=2, head_dim=16, **TINY)),
+    "gptj": lambda: tr.GPTJForCausalLM(tr.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=128)),
+    "gpt_bigcode": lambda: tr.GPTBigCodeForCausalLM(
+        tr.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=128)
+    ),
+    "t5": lambda: tr.T5ForConditionalGeneration(
+        tr.T5Config(
+            d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128, feed_forward_proj="gated-gelu"
+        )
+    ),
+    "bart": lambda: tr.BartForConditionalGeneration(
+        tr.BartConfig(
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    ),
+    "distilbert": lambda: tr.DistilBertForSequenceClassification(
+        tr.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=128)
+    ),
+    "albert": lambda: tr.AlbertForMaskedLM(tr.AlbertConfig(embedding_size=32, **TINY)),
+    "deberta_v2": lambda: tr.DebertaV2ForSequenceClassification(tr.DebertaV2Config(**TINY)),
+    "dinov2": lambda: tr.Dinov2Model(tr.Dinov2Config(image_size=32, patch_size=8, **TINY)),
+    "beit": lambda: tr.BeitForImageClassification(tr.BeitConfig(image_size=32, patch_size=8, **TINY)),
+    "swin_hf": lambda: tr.SwinForImageClassification(
+        tr.SwinConfig(embed_dim=32, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=32, patch_size=4)
+    ),
+}
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            for name in ("weight", "bias"):
+                p = module._parameters.get(name)
+                if p is not None and p.dim() == 1 and not isinstance(module, torch.nn.Linear):
+                    p.copy_((1.0 if name == "weight" else 0.0) + 0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_converts_with_identical_outputs(name):
+    torch.manual_seed(0)
+    model = _randomise(CASES[name]())
+    lc.convert(model, verify=True, verify_rtol=1e-5)
+    report = model.lowmembp_report
+    assert report.changed, str(report)
+    assert any(n.startswith("verified") for n in report.notes)
+    for site in report.plan.norms:
+        assert site.action != "skip" or site.reason, f"{site.module} skipped without a reason"
