@@ -96,6 +96,12 @@ def _consumer_module(model: nn.Module, node: fx.Node, param_fqn: str) -> tuple[s
     return owner, local
 
 
+def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else "<root>"
+    return f"{getattr(node.target, '__name__', node.target)} in {path}"
+
+
 class _Analyzer:
     def __init__(self, model: nn.Module, config: ConvertConfig, capture: Capture):
         self.model = model
@@ -117,9 +123,11 @@ class _Analyzer:
         for use in walk.uses:
             weight_fqn = self.param_fqn(use.weight)
             bias_fqn = self.param_fqn(use.bias) if use.bias is not None else None
-            if weight_fqn is None or (use.bias is not None and bias_fqn is None):
-                problems.append(f"{use.node.name}: a linear whose weight/bias is not a parameter")
+            if weight_fqn is None:
+                problems.append(f"{_describe(use.node)} multiplies by a computed weight, not a parameter")
                 continue
+            # A computed bias (e.g. BEiT's cat of q/k/v biases) is left alone: the scale still folds
+            # into the weight; a norm shift then has no parameter to go to (bias=None below).
             if not self.model.get_parameter(weight_fqn).is_floating_point():
                 problems.append(f"{weight_fqn} is not a floating-point weight")
                 continue
@@ -172,13 +180,14 @@ class _Analyzer:
             walk.blockers += one.blockers
             walk.bias_blockers += one.bias_blockers
             walk.sharing_breakers += one.sharing_breakers
+            walk.exact_sharers += one.exact_sharers
         consumers, problems, consumer_nodes = self.consumers(walk)
         site.consumers = tuple(consumers)
         blockers = list(dict.fromkeys(walk.blockers + problems))
         if walk.sharing_breakers:
             site.reason = f"sharing would break: {walk.sharing_breakers[0]}"
             return site
-        if not consumers:
+        if not consumers and not walk.exact_sharers:
             site.reason = f"no Linear layer consumes its output (used by: {', '.join(blockers[:3]) or 'nothing'})"
             return site
         conflicts = self.weight_conflicts(walk, consumer_nodes)
@@ -192,7 +201,7 @@ class _Analyzer:
         if spec.has_bias:
             no_bias = [c.module for c in consumers if c.bias is None]
             if no_bias:
-                shift_problem = [f"{no_bias[0]} has no bias to take the norm's shift"]
+                shift_problem = [f"{no_bias[0]} has no bias parameter to take the norm's shift"]
             shift_problem += walk.bias_blockers[:1]
         if not blockers and not conflicts and not shift_problem:
             site.action = "fold"
@@ -202,7 +211,7 @@ class _Analyzer:
             return site
         conflicts = conflicts + shift_problem
         why = (blockers + conflicts)[0]
-        if not any(c.shares_output for c in consumers):
+        if not any(c.shares_output for c in consumers) and not walk.exact_sharers:
             site.reason = f"cannot fold ({why}) and no Linear receives the output itself, so nothing is shared"
             return site
         guard = self._weight_guard(module, spec)

@@ -42,6 +42,9 @@ class WalkResult:
     blockers: list[str] = field(default_factory=list)  # users that need the norm's exact output
     bias_blockers: list[str] = field(default_factory=list)  # commute with a scale, not with a shift
     sharing_breakers: list[str] = field(default_factory=list)  # dropout p>0 before a consumer
+    # users that keep the output itself for backward but cannot take a fold (a Linear mixing tokens,
+    # as in MLP-Mixer): a norm that keeps its affine still shares its saved output with them
+    exact_sharers: list[str] = field(default_factory=list)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -245,6 +248,11 @@ def walk_from(start: fx.Node, channel_dim: int) -> WalkResult:
                 result.uses.append(use)
                 if use.zero_padded:
                     result.bias_blockers.append(f"{_where(user)} pads with zeros (a shift would leak into the border)")
+                continue
+            if shares and _op_name(user) in ("linear", "matmul") and user.args and user.args[0] is src:
+                note = f"{_where(user)} contracts a dim other than the normalized channels"
+                result.blockers.append(note)
+                result.exact_sharers.append(note)
                 continue
             kind, new_pos, is_view, note = _transfer(user, src, pos)
             if kind == "ignore":
