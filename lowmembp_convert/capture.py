@@ -86,9 +86,11 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> Ex
     if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:
         channels, h, w = pretrained_cfg["input_size"]
         # a model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
-            h, w = img_size
+        for module in model.modules():
+            img_size = getattr(module, "img_size", None)
+            if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(v, int) for v in img_size):
+                h, w = img_size
+                break
         return (torch.randn(batch, channels, h, w, device=device, dtype=dtype),), {}
     raise CaptureError(
         f"cannot build example inputs for {type(model).__name__}: it has neither a transformers "
