@@ -1,0 +1,276 @@
+"""The model skeleton a checkpoint belongs to, built on the ``meta`` device (no weights, no memory).
+
+The analysis (``plan_conversion``) needs the model's structure only, so the converter builds it
+from ``config.json`` (transformers) or a timm model name with every parameter on ``meta``; a
+7B-parameter model costs nothing to build. This module also maps the model's parameter names to the
+checkpoint's keys (a checkpoint saved from the base model lacks the ``model.`` prefix, a DDP one has
+``module.``) and lists which parameters are tied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+from .formats import CONFIG_FILE, CheckpointLayout, read_json
+
+Library = Literal["transformers", "timm"]
+
+
+@dataclass
+class MetaModel:
+    """A model skeleton on the meta device and how it was built (to rebuild it for --verify)."""
+
+    model: nn.Module
+    library: Library
+    arch: str  # transformers class name or timm model name
+    config_dir: Path | None = None  # transformers config directory
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
+
+
+def _unknown_arch(path: Path | str, what: str) -> CheckpointError:
+    return CheckpointError(
+        path,
+        f"unknown architecture {what}",
+        "pass --arch with a timm model name (see timm.list_models()) or a transformers config directory "
+        "whose architecture this transformers version supports (trust_remote_code models: convert in "
+        "Python with lowmembp_convert.convert)",
+    )
+
+
+def build_meta_model(
+    layout: CheckpointLayout,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    checkpoint_keys: set[str] | None = None,
+) -> MetaModel:
+    """Build the skeleton for ``layout``: from its config.json, or from ``arch`` for a bare state dict.
+
+    A transformers config without ``architectures`` gets the Auto class whose parameter names best
+    match ``checkpoint_keys`` (causal LM, masked LM, image classification, base model...).
+
+    Raises:
+        CheckpointError: no architecture given for a bare state dict, or an unknown one.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if layout.kind == "transformers" and arch is None:
+        return _build_transformers(layout.path, layout.path, checkpoint_keys)
+    if layout.kind == "timm" and arch is None:
+        config = layout.config or {}
+        kwargs = dict(config.get("model_args") or {})
+        if "num_classes" in config:
+            kwargs.setdefault("num_classes", config["num_classes"])
+        kwargs.update(model_kwargs)
+        return _build_timm(layout.path, str(config["architecture"]), kwargs)
+    if arch is None:
+        raise CheckpointError(
+            layout.path,
+            "a bare state dict does not say which model it belongs to",
+            "pass --arch NAME (a timm model name such as vit_base_patch16_224, or a transformers config directory)",
+        )
+    if os.path.isdir(arch):
+        if not os.path.isfile(os.path.join(arch, CONFIG_FILE)):
+            raise CheckpointError(arch, "--arch directory has no config.json", "pass a transformers config directory")
+        return _build_transformers(Path(arch), layout.path, checkpoint_keys)
+    return _build_timm(layout.path, arch, model_kwargs)
+
+
+_AUTO_CLASSES = (
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForImageClassification",
+    "AutoModelForSequenceClassification",
+    "AutoModel",
+)
+
+
+def _best_auto_model(config: Any, checkpoint_keys: set[str] | None) -> nn.Module:
+    import transformers
+
+    best, best_score = None, -1
+    for name in _AUTO_CLASSES:
+        try:
+            with torch.device("meta"):
+                model = getattr(transformers, name).from_config(config)
+        except (ValueError, KeyError, AttributeError):
+            continue
+        if checkpoint_keys is None:
+            return model
+        score = sum(k in checkpoint_keys for k in model.state_dict())
+        if score > best_score:
+            best, best_score = model, score
+    if best is None:
+        raise ValueError("no Auto class accepts this config")
+    return best
+
+
+def _build_transformers(config_dir: Path, ckpt_path: Path, checkpoint_keys: set[str] | None = None) -> MetaModel:
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(config_dir))
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = read_json(config_dir / CONFIG_FILE).get("model_type", "?")
+        raise _unknown_arch(ckpt_path, f"(model_type {model_type!r} unknown to transformers)") from exc
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if names and cls is None:
+        raise _unknown_arch(ckpt_path, f"{names[0]!r} (not a transformers class)")
+    if cls is None:
+        try:
+            model = _best_auto_model(config, checkpoint_keys)
+        except ValueError as exc:
+            raise _unknown_arch(ckpt_path, f"(config.json names no architectures and {exc})") from exc
+    else:
+        with torch.device("meta"):
+            model = cls._from_config(config)
+    return MetaModel(model, "transformers", type(model).__name__, config_dir=config_dir)
+
+
+def _build_timm(ckpt_path: Path, name: str, kwargs: dict[str, Any]) -> MetaModel:
+    try:
+        import timm
+    except ImportError as exc:
+        raise CheckpointError(ckpt_path, f"--arch {name!r} needs timm", "pip install timm") from exc
+    if not timm.is_model(name):
+        raise _unknown_arch(ckpt_path, f"{name!r} (neither a timm model name nor a directory)")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(ckpt_path, f"timm {name!r} rejects {kwargs} ({exc})", "fix --model-kwargs") from exc
+    sync_timm_input_size(model, kwargs)
+    return MetaModel(model, "timm", name, model_kwargs=kwargs)
+
+
+def sync_timm_input_size(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Make ``pretrained_cfg['input_size']`` follow an ``img_size`` override (timm keeps the default),
+    so example inputs built from it fit the model."""
+    size = kwargs.get("img_size")
+    cfg = getattr(model, "pretrained_cfg", None)
+    if size is None or not isinstance(cfg, dict) or "input_size" not in cfg:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    channels = int(kwargs.get("in_chans", cfg["input_size"][0]))
+    model.pretrained_cfg = {**cfg, "input_size": (channels, h, w)}
+
+
+def tied_groups(model: nn.Module) -> dict[str, list[str]]:
+    """For every parameter shared under several names: name -> all its names (itself included)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Model parameter name -> checkpoint key.
+
+    ``table`` holds every model tensor found in the checkpoint; other names (a tied weight the
+    checkpoint omits) go through ``fallback``. ``converted`` lists model tensors that the library
+    assembles from several checkpoint tensors on load (fused or stacked): those cannot be edited 1:1.
+    """
+
+    rule: str
+    table: dict[str, str]
+    fallback: Callable[[str], str]
+    converted: frozenset[str] = frozenset()
+    model_keys: int = 0
+
+    @property
+    def matched(self) -> int:
+        return len(self.table)
+
+    def __call__(self, name: str) -> str:
+        return self.table.get(name) or self.fallback(name)
+
+
+def _prefix_rules(model: nn.Module) -> list[tuple[str, Callable[[str], str]]]:
+    prefixes = {"module.", "_orig_mod."}
+    base = getattr(model, "base_model_prefix", "") or ""
+    if base:
+        prefixes.add(base + ".")
+    rules: list[tuple[str, Callable[[str], str]]] = [("identity", lambda k: k)]
+    for prefix in sorted(prefixes):
+        rules.append((f"strip {prefix!r}", lambda k, p=prefix: k[len(p) :] if k.startswith(p) else k))
+        rules.append((f"add {prefix!r}", lambda k, p=prefix: p + k))
+    return rules
+
+
+def _transformers_key_map(model: nn.Module, checkpoint_keys: set[str], model_keys: list[str]) -> KeyMap | None:
+    """The mapping ``from_pretrained`` itself applies (transformers >= 5 renames legacy keys on load)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return None
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # private API: any change there falls back to the prefix rules
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = dict.fromkeys(model_keys, True)
+    prefix = getattr(model, "base_model_prefix", None)
+    table: dict[str, str] = {}
+    converted: set[str] = set()
+    for key in sorted(checkpoint_keys, key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if renamed not in meta_state and key in meta_state:
+            renamed, pattern = key, None
+        if renamed not in meta_state:
+            continue
+        if pattern is not None:
+            converted.add(renamed)
+        elif renamed not in table:
+            table[renamed] = key
+    if not transforms:
+        return None if not table else KeyMap("transformers loading", table, lambda k: k, frozenset(), len(model_keys))
+    return KeyMap("transformers key mapping", table, lambda k: k, frozenset(converted), len(model_keys))
+
+
+def match_keys(model: nn.Module, checkpoint_keys: set[str], path: Path, library: Library = "timm") -> KeyMap:
+    """Map model parameter names to checkpoint keys the way the stock library would load them.
+
+    transformers: its own load-time key mapping (legacy names, base-model prefix). Otherwise the
+    prefix rule (none, strip/add ``module.`` / base-model prefix) that finds the most tensors.
+
+    Raises:
+        CheckpointError: fewer than half of the model's tensors are found in the checkpoint.
+    """
+    model_keys = list(model.state_dict().keys())
+    candidates: list[KeyMap] = []
+    if library == "transformers":
+        hf = _transformers_key_map(model, checkpoint_keys, model_keys)
+        if hf is not None:
+            candidates.append(hf)
+    for name, fn in _prefix_rules(model):
+        table = {k: fn(k) for k in model_keys if fn(k) in checkpoint_keys}
+        candidates.append(KeyMap(name, table, fn, frozenset(), len(model_keys)))
+    best = max(candidates, key=lambda m: m.matched + len(m.converted))  # first wins ties: library mapping
+    if (best.matched + len(best.converted)) * 2 < max(1, len(model_keys)):
+        missing = [k for k in model_keys if k not in best.table][:3]
+        raise CheckpointError(
+            path,
+            f"does not match the architecture: only {best.matched} of {len(model_keys)} model tensors found "
+            f"(missing e.g. {', '.join(missing)})",
+            "pass the --arch the checkpoint was saved from",
+        )
+    return best
+
+
+def describe_model(meta: MetaModel) -> str:
+    """One line for reports: library, architecture, parameter count."""
+    n = sum(p.numel() for p in meta.model.parameters())
+    extra = f" {json.dumps(meta.model_kwargs)}" if meta.model_kwargs else ""
+    return f"{meta.library} {meta.arch}{extra} ({n / 1e6:.1f}M parameters)"
