@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} --demo      (builds small models locally, converts and verifies them, no downloads)\n"
             f"  {PROG} ./Llama-3-8B ./Llama-3-8B-lowmembp\n"
             f"  {PROG} vit_b16.safetensors vit_b16_lowmembp.safetensors --arch vit_base_patch16_224\n"
-            f"  {PROG} ./gemma-2b ./gemma-2b-lowmembp --untie-embeddings --verify\n"
+            f"  {PROG} ./roberta-base ./roberta-base-lowmembp --untie-embeddings --verify\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--untie-embeddings",
         action="store_true",
-        help="fold the final norm into an output layer tied to the input embedding by giving it its own "
-        "weight (config gets tie_word_embeddings=false); without it that norm keeps its affine",
+        help="fold a norm into an output layer tied to the input embedding (e.g. a masked-LM head's "
+        "LayerNorm) by giving that layer its own weight (config gets tie_word_embeddings=false); without "
+        "it that norm keeps its affine. A decoder's final norm always keeps it: its output is the last "
+        "hidden state the model returns",
     )
     parser.add_argument("--force", action="store_true", help="replace ckpt_out if it exists")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")

@@ -13,8 +13,8 @@ from typing import Literal
 
 NormKind = Literal["layer_norm", "rms_norm"]
 ActivationKind = Literal["gelu", "gelu_tanh", "silu"]
-# fold:        the norm's weight (and bias, when every consumer has one) moves into the consumers;
-#              the MS norm then emits x_hat (+ the bias it kept) and backward needs no division.
+# fold:        the norm's weight and bias move into the consumers (every consumer has a bias when the
+#              norm does); the MS norm then emits x_hat and backward needs no division.
 # keep_affine: consumers keep the norm output as-is (post-norm residual, tied weights...); the MS
 #              norm applies its own affine and backward recovers x_hat = (y - bias) / weight.
 # skip:        left untouched; `reason` says why.
@@ -50,7 +50,7 @@ class NormSite:
     channel_dim: int = -1  # the normalized dim as the module sees its input (-1, or 1 for NCHW)
     consumers: tuple[Consumer, ...] = ()
     action: NormAction = "skip"
-    fold_bias: bool = False  # fold: bias moved into consumers too (all of them have a bias)
+    fold_bias: bool = False  # fold with a norm bias: it moves into the consumers' biases too
     autocast_output: bool = False  # may emit the autocast dtype (all users cast it anyway)
     already_folded: bool = False  # affine is identity already (a converted checkpoint)
     reason: str = ""

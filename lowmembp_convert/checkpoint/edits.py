@@ -4,8 +4,10 @@ Every edit names the *input* tensors it reads, so a shard is written without hol
 
 - ``FoldScale``: consumer weight W' = W * gamma along its input-channel axis (gamma = w + offset);
 - ``FoldShift``: consumer bias b' = b + W @ beta (W is the *original* weight, read from the input);
-- ``Fill``: a folded norm's own weight or bias set to identity (1, or 0 for 1+w norms; bias 0);
-- ``DivideBias``: a bias that stays in the norm (some consumer has no bias) becomes beta / gamma.
+- ``Fill``: a folded norm's own weight or bias set to identity (1, or 0 for 1+w norms; bias 0).
+
+A fold moves the whole affine: a norm with a bias folds it too (the planner keeps the affine in the
+norm when some consumer cannot take the shift), so no bias is ever left behind in a folded norm.
 
 Both halves of a fold read only original tensors, so the order in which shards are written and the
 shard each tensor lives in do not matter.
@@ -55,22 +57,7 @@ class Fill:
     value: float
 
 
-@dataclass(frozen=True)
-class DivideBias:
-    """beta' = beta / (gamma + offset): a bias that stays in the norm after its weight moved out.
-
-    The consumer now multiplies by gamma, so the norm must emit x_hat + beta / gamma for the consumer
-    to see gamma * x_hat + beta as before.
-    """
-
-    bias: str
-    gamma: str
-    offset: float
-
-
-TensorEdit = FoldScale | FoldShift | Fill | DivideBias
-# a bias kept in the norm is divided by gamma; below this |gamma| the site is left unfolded instead
-MIN_ABS_GAMMA = 1e-3
+TensorEdit = FoldScale | FoldShift | Fill
 
 
 @dataclass
@@ -154,8 +141,9 @@ def edits_from_plan(
         tied: :func:`.load.tied_groups` of the skeleton.
         untie: tied consumer weights may be given their own folded copy.
     Raises:
-        CheckpointError: a needed tensor is missing, has a dtype that cannot be folded, or two folds
-            would write the same tensor (a weight shared by two norms).
+        CheckpointError: a needed tensor is missing, has a dtype that cannot be folded, two folds
+            would write the same tensor (a weight shared by two norms), or the plan breaks the fold
+            contract (a fold that leaves the norm's bias behind).
     """
     result = EditPlan()
     for site in plan.norms:
@@ -169,16 +157,13 @@ def edits_from_plan(
         result.sites.append(entry)
         if site.action != "fold":
             continue
-        for name in (site.weight, site.bias if site.fold_bias else None):
+        _check_fold_contract(site, store)
+        for name in (site.weight, site.bias):
             if name:
                 _foldable(store, _key(keymap, store, name, "norm parameter"))
         if site.already_folded or _is_identity(site, keymap, store):
             result.already_folded.append(site.module)
             entry["already_folded"] = True
-            continue
-        refusal = _kept_bias_refusal(site, keymap, store)
-        if refusal:
-            entry["action"], entry["reason"] = "skip", refusal
             continue
         _fold_site(site, keymap, store, tied, untie, result)
         result.folded.append(site.module)
@@ -204,6 +189,21 @@ def _materialize_tied_copies(keymap: KeyMap, store: TensorStore, tied: dict[str,
                 result.edits[key] = edited
 
 
+def _check_fold_contract(site: NormSite, store: TensorStore) -> None:
+    """A fold carries the norm's whole affine: its bias moves into the consumers with its weight.
+
+    Folding the weight alone would leave a bias that must become beta / gamma in the norm (ill-
+    conditioned for small gamma); the planner keeps the affine instead, so such a plan is a bug.
+    """
+    if site.bias and not site.fold_bias:
+        raise CheckpointError(
+            store.layout.path,
+            f"internal error: the plan folds norm {site.module} but leaves its bias {site.bias!r} behind "
+            "(action 'fold' with fold_bias False); a fold must move the bias too",
+            "report this as a bug in lowmembp_convert; a planner must choose 'keep_affine' for this norm",
+        )
+
+
 def _is_identity(site: NormSite, keymap: KeyMap, store: TensorStore) -> bool:
     """True when the checkpoint's own values make the affine identity already (a converted checkpoint).
 
@@ -215,25 +215,11 @@ def _is_identity(site: NormSite, keymap: KeyMap, store: TensorStore) -> bool:
         if not torch.all(weight + site.weight_offset == 1):
             return False
         checked = True
-    if site.bias and site.fold_bias:
+    if site.bias:
         if torch.any(store.get(_key(keymap, store, site.bias, "norm bias")) != 0):
             return False
         checked = True
     return checked
-
-
-def _kept_bias_refusal(site: NormSite, keymap: KeyMap, store: TensorStore) -> str:
-    """Why a weight-only fold of a norm with a bias cannot be written exactly ('' when it can)."""
-    if not (site.weight and site.bias and not site.fold_bias):
-        return ""
-    gamma = store.get(_key(keymap, store, site.weight, "norm weight")).to(torch.float64) + site.weight_offset
-    smallest = gamma.abs().min().item() if gamma.numel() else 1.0
-    if smallest < MIN_ABS_GAMMA:
-        return (
-            f"its bias stays in the norm and would become bias / weight, but |weight| = {smallest:.2e} "
-            f"< {MIN_ABS_GAMMA}; left unfolded"
-        )
-    return ""
 
 
 def _claim(result: EditPlan, key: str, edit: TensorEdit, site: NormSite, store: TensorStore) -> None:
@@ -250,7 +236,7 @@ def _fold_site(
     site: NormSite, keymap: KeyMap, store: TensorStore, tied: dict[str, list[str]], untie: bool, result: EditPlan
 ) -> None:
     gamma = _key(keymap, store, site.weight, "norm weight") if site.weight else None
-    beta = _key(keymap, store, site.bias, "norm bias") if site.bias and site.fold_bias else None
+    beta = _key(keymap, store, site.bias, "norm bias") if site.bias else None
     for key in (gamma, beta):
         if key is not None:
             _foldable(store, key)
@@ -279,10 +265,6 @@ def _fold_site(
         _claim(result, gamma, Fill(gamma, 0.0 if site.weight_offset else 1.0), site, store)
     if beta is not None:
         _claim(result, beta, Fill(beta, 0.0), site, store)
-    elif site.bias and gamma is not None:
-        kept = _key(keymap, store, site.bias, "norm bias")
-        _foldable(store, kept)
-        _claim(result, kept, DivideBias(kept, gamma, site.weight_offset), site, store)
 
 
 def _check_channels(
@@ -324,11 +306,6 @@ def edit_blocks(edit: TensorEdit, store: TensorStore) -> Iterator[torch.Tensor]:
     if isinstance(edit, Fill):
         entry = store.entries[edit.source]
         yield torch.full(entry.shape, edit.value, dtype=store.torch_dtype(edit.source))
-        return
-    if isinstance(edit, DivideBias):
-        bias = store.get(edit.bias)
-        gamma = store.get(edit.gamma).to(torch.float64) + edit.offset
-        yield (bias.to(torch.float64) / gamma).to(bias.dtype)
         return
     shape = store.entries[edit.weight].shape
     blockwise = edit.layout in ("linear", "conv1d") and len(shape) == 2
@@ -372,8 +349,6 @@ def edit_inputs(edit: TensorEdit) -> list[str]:
     """The input keys an edit reads."""
     if isinstance(edit, Fill):
         return []
-    if isinstance(edit, DivideBias):
-        return [edit.bias, edit.gamma]
     if isinstance(edit, FoldScale):
         return [edit.weight, edit.gamma]
     return [edit.bias, edit.weight, edit.beta]

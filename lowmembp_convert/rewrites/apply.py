@@ -43,7 +43,7 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
     weight = getattr(norm, "weight", None) if site.weight else None
     bias = getattr(norm, "bias", None) if site.bias else None
     gamma = None if weight is None else weight.detach() + site.weight_offset
-    beta = bias.detach() if (bias is not None and site.fold_bias) else None
+    beta = bias.detach() if bias is not None else None  # a fold moves the whole affine
     shared = _shared_param_ids(model) if untie else set()
     for consumer in site.consumers:
         module = model.get_submodule(consumer.module)
@@ -80,7 +80,7 @@ def _ms_norm_for(norm: nn.Module, site: NormSite) -> nn.Module:
         weight=weight,
         bias=bias,
         affine_weight=keep and weight is not None,
-        affine_bias=bias is not None and (keep or not site.fold_bias),
+        affine_bias=keep and bias is not None,
         weight_offset=site.weight_offset,
         channel_dim=site.channel_dim,
         autocast_output=site.autocast_output,

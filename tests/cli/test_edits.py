@@ -1,8 +1,8 @@
 """The streaming converter against hand-written plans (independent of the graph analysis).
 
 Each plan exercises one rule of turning a plan into tensor edits: untying a tied output layer, a
-bias kept in the norm (divided by gamma), folds that would write a tensor twice, tied weights
-without permission, and a near-zero gamma that makes a kept bias ill-conditioned.
+norm's weight and bias folded together into a conv1d consumer, folds that would write a tensor
+twice, tied weights without permission, and a fold that would leave the norm's bias behind.
 """
 
 from __future__ import annotations
@@ -82,46 +82,51 @@ def test_same_tensor_folded_twice_is_refused(saved_llama, tmp_path):
         convert_checkpoint(src, tmp_path / "out", progress=False, planner=clash)
 
 
-def gpt2_weight_only_plan(model, config) -> Plan:
-    """Fold ln_1's weight into c_attn (conv1d layout) but keep its bias in the norm."""
-    plan = Plan(capture="hand-written")
-    for i in range(len(model.transformer.h)):
-        p = f"transformer.h.{i}"
-        consumer = Consumer(f"{p}.attn.c_attn", f"{p}.attn.c_attn.weight", f"{p}.attn.c_attn.bias", "conv1d", True)
-        plan.norms.append(
-            NormSite(f"{p}.ln_1", "layer_norm", 1e-5, f"{p}.ln_1.weight", f"{p}.ln_1.bias",
-                     consumers=(consumer,), action="fold", fold_bias=False)
-        )  # fmt: skip
-    return plan
+def gpt2_ln_1_plan(fold_bias: bool):
+    """A planner folding each ln_1 into c_attn (conv1d layout), its bias too only if ``fold_bias``."""
+
+    def planner(model, config) -> Plan:
+        plan = Plan(capture="hand-written")
+        for i in range(len(model.transformer.h)):
+            p = f"transformer.h.{i}"
+            consumer = Consumer(f"{p}.attn.c_attn", f"{p}.attn.c_attn.weight", f"{p}.attn.c_attn.bias", "conv1d", True)
+            plan.norms.append(
+                NormSite(f"{p}.ln_1", "layer_norm", 1e-5, f"{p}.ln_1.weight", f"{p}.ln_1.bias",
+                         consumers=(consumer,), action="fold", fold_bias=fold_bias)
+            )  # fmt: skip
+        return plan
+
+    return planner
 
 
-def test_bias_kept_in_the_norm_is_divided_by_gamma(tmp_path):
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory: pytest.TempPathFactory):
     original = hf_model("gpt2")
-    src = tmp_path / "in"
+    src = tmp_path_factory.mktemp("gpt2") / "in"
     original.save_pretrained(src)
-    report = convert_checkpoint(src, tmp_path / "out", progress=False, planner=gpt2_weight_only_plan)
+    return original, src
+
+
+def test_weight_and_bias_fold_into_conv1d(saved_gpt2, tmp_path):
+    original, src = saved_gpt2
+    report = convert_checkpoint(src, tmp_path / "out", progress=False, planner=gpt2_ln_1_plan(fold_bias=True))
     assert report["folded"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["lowmembp_convert"]["folded"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
     reloaded = type(original).from_pretrained(tmp_path / "out").eval()
-    ln = original.transformer.h[0].ln_1
-    expected_bias = (ln.bias.double() / ln.weight.double()).float()
-    assert torch.allclose(reloaded.transformer.h[0].ln_1.bias, expected_bias)
     assert torch.all(reloaded.transformer.h[0].ln_1.weight == 1)
+    assert torch.all(reloaded.transformer.h[0].ln_1.bias == 0)
     inputs = model_inputs(original)
     assert rel_err(first_output(original, inputs), first_output(reloaded, inputs)) < 1e-5
 
 
-def test_near_zero_gamma_with_kept_bias_is_left_unfolded(tmp_path):
-    original = hf_model("gpt2")
-    with torch.no_grad():
-        original.transformer.h[1].ln_1.weight[3] = 1e-5
-    src = tmp_path / "in"
-    original.save_pretrained(src)
-    report = convert_checkpoint(src, tmp_path / "out", progress=False, planner=gpt2_weight_only_plan)
-    assert report["folded"] == ["transformer.h.0.ln_1"]
-    site = [s for s in report["norms"] if s["module"] == "transformer.h.1.ln_1"][0]
-    assert site["action"] == "skip" and "|weight|" in site["reason"]
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["lowmembp_convert"]["folded"] == ["transformer.h.0.ln_1"]
+def test_fold_leaving_the_bias_in_the_norm_is_an_internal_error(saved_gpt2, tmp_path):
+    """The planner folds a norm's bias whenever it folds its weight (else it keeps the affine), so
+    a weight-only fold is a broken plan: refused, never written as bias / gamma."""
+    _, src = saved_gpt2
+    with pytest.raises(CheckpointError, match=r"internal error: .*transformer\.h\.0\.ln_1.*fold_bias False"):
+        convert_checkpoint(src, tmp_path / "out", progress=False, planner=gpt2_ln_1_plan(fold_bias=False))
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_writes_nothing(saved_llama, tmp_path):

@@ -56,29 +56,67 @@ def test_sharded_round_trip_with_cross_shard_fold(saved_llama, tmp_path, capsys)
     assert tree_digest(src) == digest
 
 
-def test_untie_embeddings_llama(saved_llama, tmp_path, capsys):
+def test_untie_embeddings_roberta_sharded(tmp_path, capsys):
+    """A masked-LM head's LayerNorm feeds only the decoder, whose weight is tied to the word
+    embeddings: with --untie-embeddings it folds, and the decoder gets its own (folded) copy."""
+    original = hf_model("roberta", tie=True)
+    src, dst = tmp_path / "in", tmp_path / "out"
+    original.save_pretrained(src, max_shard_size="40KB")
+    index_in = _index(src)
+    assert len(set(index_in["weight_map"].values())) >= 2
+    assert "lm_head.decoder.weight" not in index_in["weight_map"]  # tied: stored once, as the embedding
+
+    code, out, err = cli([src, dst, "--json", "--untie-embeddings"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert "lm_head.layer_norm" in report["folded"], report["norms"][-1]
+    assert report["untied"] == ["lm_head.decoder.weight"]
+    # the decoder's bias is tied to lm_head.bias; untied, the library no longer fills it, so it is stored
+    assert report["added_tensors"] == ["lm_head.decoder.bias", "lm_head.decoder.weight"]
+
+    index_out = _index(dst)
+    embed_shard = index_in["weight_map"]["roberta.embeddings.word_embeddings.weight"]
+    assert index_out["weight_map"]["lm_head.decoder.weight"] == embed_shard
+    assert index_out["weight_map"]["lm_head.decoder.bias"] == index_in["weight_map"]["lm_head.bias"]
+    assert {k: v for k, v in index_out["weight_map"].items() if not k.startswith("lm_head.decoder.")} == (
+        index_in["weight_map"]
+    )
+    added = (original.lm_head.decoder.weight.numel() + original.lm_head.decoder.bias.numel()) * 4
+    assert index_out["metadata"]["total_size"] == index_in["metadata"]["total_size"] + added
+    config = json.loads((dst / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert config["lowmembp_convert"]["untied"] == ["lm_head.decoder.weight"]
+
+    reloaded = type(original).from_pretrained(dst).eval()
+    embeddings = reloaded.roberta.embeddings.word_embeddings.weight
+    assert reloaded.lm_head.decoder.weight is not embeddings
+    assert torch.equal(embeddings, original.roberta.embeddings.word_embeddings.weight)
+    assert torch.all(reloaded.lm_head.layer_norm.weight == 1) and torch.all(reloaded.lm_head.layer_norm.bias == 0)
+    assert torch.equal(reloaded.lm_head.decoder.bias, reloaded.lm_head.bias)
+    inputs = model_inputs(original)
+    assert rel_err(first_output(original, inputs), first_output(reloaded, inputs)) < 1e-5
+
+
+def test_untie_embeddings_llama_keeps_final_norm(saved_llama, tmp_path, capsys):
+    """A decoder's final norm produces the last hidden state, which the model returns, so it keeps
+    its affine even with --untie-embeddings: nothing is untied and the checkpoint stays tied."""
     original, src = saved_llama
     dst = tmp_path / "out"
     code, out, err = cli([src, dst, "--json", "--untie-embeddings"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert "model.norm" in report["folded"], report["norms"][-1]
-    assert report["untied"] == ["lm_head.weight"]
-    assert report["added_tensors"] == ["lm_head.weight"]
-
-    index_in, index_out = _index(src), _index(dst)
-    embed_shard = index_in["weight_map"]["model.embed_tokens.weight"]
-    assert index_out["weight_map"]["lm_head.weight"] == embed_shard
-    added = original.lm_head.weight.numel() * 4
-    assert index_out["metadata"]["total_size"] == index_in["metadata"]["total_size"] + added
+    final = next(site for site in report["norms"] if site["module"] == "model.norm")
+    assert final["action"] == "keep_affine", final
+    assert "returned from the model's forward" in final["reason"]
+    assert "model.norm" not in report["folded"] and report["folded"]
+    assert report["untied"] == [] and report["added_tensors"] == []
+    assert _index(dst)["weight_map"] == _index(src)["weight_map"]
     config = json.loads((dst / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False
-    assert config["lowmembp_convert"]["untied"] == ["lm_head.weight"]
-
+    assert config["tie_word_embeddings"] is True
+    assert config["lowmembp_convert"]["untied"] == []
     reloaded = type(original).from_pretrained(dst).eval()
-    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
-    assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert torch.all(reloaded.model.norm.weight == 1)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.model.norm.weight, original.model.norm.weight)
     inputs = model_inputs(original)
     assert rel_err(first_output(original, inputs), first_output(reloaded, inputs)) < 1e-5
 
