@@ -21,6 +21,7 @@ class ReGELU2(nn.Module):
         approximate: ``"none"`` (erf-GELU) or ``"tanh"`` (tanh-GELU), as in ``nn.GELU``.
     """
 
+    lowmembp_converted = True  # the converter leaves modules carrying this alone
     exact_forward = True
     exact_backward = False
 
@@ -40,6 +41,7 @@ class ReGELU2(nn.Module):
 class ReSiLU2(nn.Module):
     """SiLU with an approximate (ReSiLU2) backward that saves 2 bits per element."""
 
+    lowmembp_converted = True  # the converter leaves modules carrying this alone
     exact_forward = True
     exact_backward = False
 

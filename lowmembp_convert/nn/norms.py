@@ -102,9 +102,7 @@ class _MSNorm(nn.Module):
                     f"optimizer references and state_dict keys survive"
                 )
             if tuple(tensor.shape) != self.normalized_shape:
-                raise ValueError(
-                    f"{cls}: {name} has shape {tuple(tensor.shape)}, expected {self.normalized_shape}"
-                )
+                raise ValueError(f"{cls}: {name} has shape {tuple(tensor.shape)}, expected {self.normalized_shape}")
             self.register_parameter(name, tensor)
         elif tensor is not None:
             # Folded away: keep the key, with a value that makes the stock module compute x_hat.
@@ -112,6 +110,22 @@ class _MSNorm(nn.Module):
             self.register_buffer(name, value, persistent=True)
         else:
             self.register_parameter(name, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # A folded affine's buffer must stay identity: loading a stock (unfolded) norm weight here
+        # would silently compute something else, since the consumers already hold the fold.
+        for name, used in (("weight", self.affine_weight), ("bias", self.affine_bias)):
+            incoming = state_dict.get(prefix + name)
+            if used or incoming is None or getattr(self, name, None) is None or incoming.device.type == "meta":
+                continue
+            identity = (1.0 - self.weight_offset) if name == "weight" else 0.0
+            if not torch.all(incoming == identity):
+                raise RuntimeError(
+                    f"{prefix}{name}: this norm's affine was folded into its consumers by lowmembp_convert, but "
+                    "the state dict holds a non-identity value (an unconverted checkpoint). Load the checkpoint "
+                    "before convert(), or convert it with `lowmembp-convert` first."
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moved = self.channel_dim not in (-1, x.dim() - 1)

@@ -1,0 +1,186 @@
+"""convert() options and edge cases on tiny models: idempotence, nothing to do, filter_fn, tied embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from tiny_zoo import FAMILIES, VOCAB, forward, is_activation_module, randomize_affine, relative_error
+
+from lowmembp_convert import convert
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "timm_vit"])
+def test_converting_twice_changes_nothing_the_second_time(name: str) -> None:
+    family = FAMILIES[name]
+    original = family.make()
+    model = convert(copy.deepcopy(original))
+    first = model.lowmembp_report
+    assert first.changed
+    state, modules = _state(model), [type(m) for m in model.modules()]
+    convert(model)
+    second = model.lowmembp_report
+    assert second is not first
+    assert (second.changed, second.converted_norms, second.converted_activations) == (False, 0, 0)
+    assert "nothing to convert" in str(second)
+    assert [type(m) for m in model.modules()] == modules
+    after = _state(model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    x = family.inputs(0, 2)
+    with torch.no_grad():
+        assert relative_error(forward(original, x), forward(model, x)) < 1e-5
+
+
+def test_a_model_with_nothing_to_convert_gets_a_clear_report() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    state = _state(model)
+    assert convert(model) is model
+    report = model.lowmembp_report
+    assert not report.changed and not report.plan.norms and not report.plan.activations
+    assert "nothing to convert: no GELU/SiLU module and no foldable LayerNorm/RMSNorm found" in str(report)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_a_norm_whose_model_cannot_be_traced_is_skipped_with_the_reason() -> None:
+    """A plain Sequential says nothing about its inputs: the norm is reported, the GELU still converts."""
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    convert(model)
+    report = model.lowmembp_report
+    (site,) = report.plan.norms
+    assert site.action == "skip" and "graph capture failed" in site.reason
+    assert report.plan.capture.startswith("failed: cannot build example inputs for Sequential")
+    assert "example_inputs" in report.plan.capture, "the report says how to fix it"
+    assert type(model[0]) is nn.LayerNorm and report.converted_activations == 1
+
+
+def test_filter_fn_excludes_exactly_what_it_says() -> None:
+    family = FAMILIES["llama"]
+    original = family.make()
+    seen: list[tuple[type, str]] = []
+
+    def not_layer_one(module: nn.Module, fqn: str) -> bool:
+        seen.append((type(module), fqn))
+        return ".layers.1." not in fqn
+
+    model = convert(copy.deepcopy(original), filter_fn=not_layer_one)
+    plan = model.lowmembp_report.plan
+    assert (type(original.get_submodule("model.layers.1.mlp.act_fn")), "model.layers.1.mlp.act_fn") in seen
+    for site in plan.norms + plan.activations:
+        excluded = ".layers.1." in site.module
+        assert (site.action == "skip") == excluded, site
+        assert (site.reason == "excluded by filter_fn") == excluded, site
+    layer1, layer1_orig = model.model.layers[1], original.model.layers[1]
+    assert [type(m) for m in layer1.modules()] == [type(m) for m in layer1_orig.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(layer1.parameters(), layer1_orig.parameters(), strict=True))
+    assert getattr(model.model.layers[0].input_layernorm, "lowmembp_converted", False)
+    assert not is_activation_module(model.model.layers[0].mlp.act_fn)
+    x = family.inputs(0, 2)
+    with torch.no_grad():
+        assert relative_error(forward(original, x), forward(model, x)) < 1e-5
+
+
+def test_filter_fn_receives_modules_so_a_type_filter_works() -> None:
+    original = FAMILIES["gpt2"].make()
+    model = convert(copy.deepcopy(original), filter_fn=lambda m, fqn: not is_activation_module(m))
+    report = model.lowmembp_report
+    assert report.converted_activations == 0 and report.converted_norms == 5
+    assert all(a.reason == "excluded by filter_fn" for a in report.plan.activations)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tied embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+def _tied(name: str) -> tuple[nn.Module, str, str, str]:
+    """(model, final norm, embedding param, lm_head param) with lm_head.weight tied to the embedding."""
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+        model, norm, embedding = transformers.GPT2LMHeadModel(config), "transformer.ln_f", "transformer.wte.weight"
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        model, norm, embedding = transformers.LlamaForCausalLM(config), "model.norm", "model.embed_tokens.weight"
+    model = randomize_affine(model).eval()
+    assert model.lm_head.weight is model.get_parameter(embedding), "the factory ties the weights"
+    return model, norm, embedding, "lm_head.weight"
+
+
+def _logits_only_inputs() -> tuple[tuple, dict]:
+    """Inputs under which the final norm's output is not itself a model output (no hidden states)."""
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    return (), {"input_ids": ids, "use_cache": False}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_tied_embedding_is_never_touched_by_default(name: str) -> None:
+    model, norm, embedding, head = _tied(name)
+    original = copy.deepcopy(model)
+    # default example inputs return every hidden state, the last one being the final norm's output
+    convert(model)
+    site = model.lowmembp_report.plan.norm(norm)
+    assert site.action == "keep_affine" and "returned from the model's forward" in site.reason
+    # without hidden states in the outputs, the tie is what stops the fold, and the report says so
+    convert(original_copy := copy.deepcopy(original), example_inputs=_logits_only_inputs())
+    site = original_copy.lowmembp_report.plan.norm(norm)
+    assert site.action == "keep_affine"
+    assert "shared with other layers (tied or reused weights)" in site.reason
+    assert embedding in site.reason and head in site.reason
+    for converted in (model, original_copy):
+        assert converted.get_parameter(head) is converted.get_parameter(embedding)
+        assert torch.equal(converted.get_parameter(embedding), original.get_parameter(embedding))
+        assert converted.config.tie_word_embeddings
+
+
+def test_untie_embeddings_folds_into_a_copy_of_the_head() -> None:
+    model, norm, embedding, head = _tied("llama")
+    original = copy.deepcopy(model)
+    convert(model, example_inputs=_logits_only_inputs(), untie_embeddings=True)
+    report = model.lowmembp_report
+    site = report.plan.norm(norm)
+    assert site.action == "fold" and [c.module for c in site.consumers] == ["lm_head"]
+    assert model.get_parameter(head) is not model.get_parameter(embedding)
+    assert torch.equal(model.get_parameter(embedding), original.get_parameter(embedding)), "embedding untouched"
+    assert model.config.tie_word_embeddings is False
+    assert any(note.startswith("untied lm_head.weight") for note in report.notes)
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative_error(original(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
+
+
+def test_untie_embeddings_leaves_the_tie_when_the_fold_is_refused_anyway() -> None:
+    """GPT-2's ln_f has a shift and lm_head no bias to take it: the affine stays, so no untie either."""
+    model, norm, embedding, head = _tied("gpt2")
+    original = copy.deepcopy(model)
+    convert(model, example_inputs=_logits_only_inputs(), untie_embeddings=True)
+    site = model.lowmembp_report.plan.norm(norm)
+    assert site.action == "keep_affine" and "lm_head has no bias parameter to take the norm's shift" in site.reason
+    assert model.get_parameter(head) is model.get_parameter(embedding) and model.config.tie_word_embeddings
+    assert torch.equal(model.get_parameter(embedding), original.get_parameter(embedding))
+
+
+def test_untie_embeddings_does_not_override_a_returned_hidden_state() -> None:
+    """With the default example inputs (all hidden states returned) the final norm stays exact."""
+    model, norm, embedding, head = _tied("gpt2")
+    convert(model, untie_embeddings=True)
+    assert model.lowmembp_report.plan.norm(norm).action == "keep_affine"
+    assert model.get_parameter(head) is model.get_parameter(embedding)
