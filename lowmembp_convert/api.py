@@ -66,8 +66,15 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
     if meta and (config.verify or config.measure_memory):
         report.notes.append("verify/measure_memory skipped: the model is on the meta device")
     if original is not None:
-        folded = [s.module for s in plan.norms if s.action == "fold"]
-        error = verify_conversion(original, model, inputs, rtol=config.verify_rtol, folded_norms=folded)
+        folded = [s for s in plan.norms if s.action == "fold"]
+        error = verify_conversion(
+            original,
+            model,
+            inputs,
+            rtol=config.verify_rtol,
+            folded_norms=[s.module for s in folded],
+            consumers=[c.module for s in folded for c in s.consumers],
+        )
         report.notes.append(f"verified: max relative output error {error:.2e} (rtol {config.verify_rtol:.0e})")
     if before is not None:
         report.bytes_before, report.bytes_after = before, _measure(model, inputs)

@@ -86,6 +86,10 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> Ex
     if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:
         channels, h, w = pretrained_cfg["input_size"]
         # a model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
+        # likewise in_chans=...: the first convolution reads the image
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None:
+            channels = first_conv.in_channels
         for module in model.modules():
             img_size = getattr(module, "img_size", None)
             if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(v, int) for v in img_size):

@@ -30,21 +30,41 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
 
 
-def _record(model: nn.Module, store: dict[str, torch.Tensor]) -> list:
-    handles = []
-    for name, module in model.named_modules():
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
-        def hook(_m, _inputs, output, name=name):
+
+class _Recorder:
+    """Records each module's first output tensor, in call order.
+
+    With ``folded``/``consumers`` given it also marks outputs that are x_hat-derived by design: a
+    folded norm's output, and the output of any non-consumer module fed such a tensor (Identity,
+    Dropout, a pooling module between the norm and its Linear). Those are not compared.
+    """
+
+    def __init__(self, folded: set[str] = frozenset(), consumers: set[str] = frozenset()):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.by_design: set[str] = set()
+        self.folded, self.consumers = folded, consumers
+        self._tainted: set[int] = set()
+
+    def hook(self, name: str):
+        def record(_module, inputs, output):
             tensor = first_tensor(output)
-            if tensor is not None and tensor.is_floating_point() and name not in store:
-                store[name] = tensor.detach()
+            if tensor is None or not tensor.is_floating_point() or name in self.outputs:
+                return
+            fed = any(isinstance(t, torch.Tensor) and _storage(t) in self._tainted for t in inputs)
+            passes_on = _storage(tensor) in self._tainted  # e.g. a parent returning the norm's output
+            if name in self.folded or passes_on or (fed and name not in self.consumers):
+                self._tainted.add(_storage(tensor))
+                self.by_design.add(name)
+            self.outputs[name] = tensor.detach()
 
-        handles.append(module.register_forward_hook(hook))
-    return handles
+        return record
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict, store: dict) -> torch.Tensor | None:
-    handles = _record(model, store)
+def _run(model: nn.Module, args: tuple, kwargs: dict, recorder: _Recorder) -> torch.Tensor | None:
+    handles = [m.register_forward_hook(recorder.hook(name)) for name, m in model.named_modules()]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -64,27 +84,25 @@ def verify_conversion(
     *,
     rtol: float,
     folded_norms: Iterable[str] = (),
+    consumers: Iterable[str] = (),
 ) -> float:
     """Compare every module's output; raise ConversionError naming the first that diverges.
 
-    A folded norm's own output is x_hat by design, so it (and modules that pass that very tensor
-    on, such as Identity or eval-mode Dropout) is not compared; everything else is. Returns the
+    A folded norm's output is x_hat by design, and so is whatever a non-consumer module between
+    it and its consumers makes of it; those are not compared, everything else is. Returns the
     relative error of the model's output.
     """
     args, kwargs = example_inputs
-    ref_store: dict[str, torch.Tensor] = {}
-    new_store: dict[str, torch.Tensor] = {}
-    ref = _run(original, args, kwargs, ref_store)
-    new = _run(converted, args, kwargs, new_store)
+    reference, candidate = _Recorder(), _Recorder(set(folded_norms), set(consumers))
+    ref = _run(original, args, kwargs, reference)
+    new = _run(converted, args, kwargs, candidate)
     if ref is None or new is None:
         raise ConversionError("verify: the model returned no floating-point tensor to compare")
     error = relative_error(ref, new)
     # Every module, not only the final output: a small fold error can hide behind a head.
-    folded = set(folded_norms)
-    folded_ptrs = {new_store[n].untyped_storage().data_ptr() for n in folded if n in new_store}
-    for name, tensor in ref_store.items():
-        other = new_store.get(name)
-        if other is None or name in folded or other.untyped_storage().data_ptr() in folded_ptrs:
+    for name, tensor in reference.outputs.items():
+        other = candidate.outputs.get(name)
+        if other is None or name in candidate.by_design:
             continue
         if other.shape == tensor.shape and relative_error(tensor, other) > rtol:
             raise ConversionError(
