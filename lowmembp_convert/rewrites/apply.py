@@ -98,6 +98,12 @@ def _activation_for(site: ActivationSite) -> nn.Module:
 def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) -> list[str]:
     """Carry out ``plan`` on ``model`` in place; returns notes for the report."""
     notes: list[str] = []
+    lora = sorted({c.module for s in plan.norms if s.action == "fold" for c in s.consumers if ".lora_A." in c.module})
+    if lora:
+        notes.append(
+            f"folded into {len(lora)} PEFT lora_A layer(s) (e.g. {lora[0]}): adapters trained from here hold A*gamma, "
+            "so use them with this converted base (or a checkpoint written by lowmembp-convert), not the stock base"
+        )
     for site in plan.norms:
         if site.action == "skip":
             continue
