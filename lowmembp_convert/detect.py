@@ -40,6 +40,22 @@ class NormSpec:
     channel_dim: int  # -1, or 1 for NCHW inputs
 
 
+def _behaviour_key(module: nn.Module, *extra) -> tuple:
+    """What a module's behaviour can depend on besides its weights: its class and plain settings.
+
+    Two modules with the same key compute the same function of (input, weights), so one
+    verification covers both (a 32-layer model has 65 identical RMSNorms).
+    """
+    settings = tuple(
+        sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None))))
+    )
+    return (type(module), settings, *extra)
+
+
+_ACTIVATION_CACHE: dict[tuple, ActivationKind | None] = {}
+_NORM_CACHE: dict[tuple, NormSpec | None] = {}
+
+
 def is_converted(module: nn.Module) -> bool:
     return bool(getattr(module, "lowmembp_converted", False))
 
@@ -57,6 +73,13 @@ def classify_activation(module: nn.Module) -> ActivationKind | None:
         return None
     if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
         return None
+    key = _behaviour_key(module)
+    if key not in _ACTIVATION_CACHE:
+        _ACTIVATION_CACHE[key] = _match_activation(module)
+    return _ACTIVATION_CACHE[key]
+
+
+def _match_activation(module: nn.Module) -> ActivationKind | None:
     with torch.device("cpu"):
         x = _activation_probe()
     try:
@@ -153,9 +176,13 @@ def classify_norm(module: nn.Module) -> NormSpec | None:
     eps_values = _eps_candidates(module)
     if not eps_values:
         return None
-    probe = _probe_copy(module)
-    with torch.device("cpu"):
-        return _match_norm_formula(probe, weight, bias, size, eps_values)
+    shapes = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
+    key = _behaviour_key(module, size, shapes)
+    if key not in _NORM_CACHE:
+        probe = _probe_copy(module)
+        with torch.device("cpu"):
+            _NORM_CACHE[key] = _match_norm_formula(probe, weight, bias, size, eps_values)
+    return _NORM_CACHE[key]
 
 
 def _match_norm_formula(probe, weight, bias, size, eps_values) -> NormSpec | None:
