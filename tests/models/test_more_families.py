@@ -9,6 +9,7 @@ converted. Architecture-specific expectations live in test_families.py.
 import pytest
 import torch
 import transformers as tr
+from tiny_zoo import randomize_affine
 
 import lowmembp_convert as lc
 
@@ -60,21 +61,10 @@ CASES = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            for name in ("weight", "bias"):
-                p = module._parameters.get(name)
-                if p is not None and p.dim() == 1 and not isinstance(module, torch.nn.Linear):
-                    p.copy_((1.0 if name == "weight" else 0.0) + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_converts_with_identical_outputs(name):
     torch.manual_seed(0)
-    model = _randomise(CASES[name]())
+    model = randomize_affine(CASES[name]())
     lc.convert(model, verify=True, verify_rtol=1e-5)
     report = model.lowmembp_report
     assert report.changed, str(report)

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from tiny_zoo import randomize_affine
 
 import lowmembp_convert as lc
 
@@ -17,21 +18,10 @@ CASES = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            for name in ("weight", "bias"):
-                p = module._parameters.get(name)
-                if p is not None and p.dim() == 1 and not isinstance(module, torch.nn.Linear):
-                    p.copy_((1.0 if name == "weight" else 0.0) + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_timm_converts_with_identical_outputs(name):
     torch.manual_seed(0)
-    model = _randomise(timm.create_model(name, pretrained=False, num_classes=10, **CASES[name]))
+    model = randomize_affine(timm.create_model(name, pretrained=False, num_classes=10, **CASES[name]))
     lc.convert(model, verify=True, verify_rtol=1e-5)
     report = model.lowmembp_report
     assert report.converted_norms > 0 and report.converted_activations > 0, str(report)
