@@ -191,7 +191,7 @@ class _OpStack(TorchFunctionMode):
         super().__init__()
         self.stack: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         self.stack.append(getattr(func, "__name__", str(func)))
         try:
             return func(*args, **(kwargs or {}))
@@ -332,22 +332,21 @@ def per_block_bytes(
     p, w, e, c = _bilinear({k: v.total for k, v in runs.items()}, depths, batches)
     dtypes = {k for v in runs.values() for k in v.by_dtype}
     by_dtype = {
-        dt: _bilinear({k: v.by_dtype.get(dt, 0) for k, v in runs.items()}, depths, batches)[0]
-        for dt in sorted(dtypes)
+        dt: _bilinear({k: v.by_dtype.get(dt, 0) for k, v in runs.items()}, depths, batches)[0] for dt in sorted(dtypes)
     }
     return PerBlock(p, w, e, c, {k: v for k, v in by_dtype.items() if v}, runs)
 
 
-# Python numbers an op wraps into 0-dim tensors; autograd saves them without calling the hooks.
+# Python numbers a built-in op wraps into 0-dim tensors; autograd saves them without the hooks.
 _WRAPPED_NUMBER_DTYPES = (torch.float64, torch.int64, torch.complex128, torch.bool)
 
 
-def _tensors_in(value: Any) -> list[torch.Tensor]:
+def _tensors_in(value: Any, skip_wrapped_numbers: bool = False) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         wrapped = value.dim() == 0 and value.device.type == "cpu" and value.dtype in _WRAPPED_NUMBER_DTYPES
-        return [] if wrapped else [value]
+        return [] if (wrapped and skip_wrapped_numbers) else [value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors_in(v)]
+        return [t for v in value for t in _tensors_in(v, skip_wrapped_numbers)]
     return []
 
 
@@ -362,7 +361,8 @@ def saved_in_graph(
     (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom and compiled Functions) and also
     finds tensors a custom Function stashed on ``ctx`` as attributes, which saved-tensor hooks
     never see. Call it after forward, before backward frees the graph. 0-dim CPU double/long/bool
-    tensors are skipped: they are Python scalars autograd wrapped, which it saves without hooks.
+    tensors saved by built-in nodes are skipped: they are Python scalars the op wrapped, which
+    autograd saves without calling hooks (a custom or compiled Function's, e.g. RNG seeds, count).
 
     Returns:
         ``(saved, stashed)``: unique storages saved through autograd, and unique storages only
@@ -384,7 +384,7 @@ def saved_in_graph(
         groups: dict[str, list[torch.Tensor]] = {"saved": [], "stashed": []}
         for attr in dir(node):
             if attr.startswith("_saved_"):
-                groups["saved"] += _tensors_in(getattr(node, attr))
+                groups["saved"] += _tensors_in(getattr(node, attr), skip_wrapped_numbers=True)
         if hasattr(node, "saved_tensors"):  # custom autograd.Function and AOTAutograd's CompiledFunction
             groups["saved"] += _tensors_in(node.saved_tensors)
         for value in getattr(node, "__dict__", {}).values():

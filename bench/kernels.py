@@ -1,0 +1,279 @@
+"""GPU microbenchmark of the elementwise kernels against their torch counterparts and the copy roofline.
+
+For each shape and dtype it measures, in the same run, the device-copy bandwidth of a plain
+``y.copy_(x)`` and then every entry's forward or backward; it reports GB/s (by the bytes floor of
+METHOD.md section 6), the floor time at the measured copy bandwidth, the fraction of copy bandwidth
+reached, the speed relative to the torch counterpart, and whether the target is met:
+
+- ReGELU2 / ReSiLU2 (fwd and bwd): >= 85% of copy bandwidth, and no slower than torch's op.
+- MS LayerNorm / RMSNorm (fwd and bwd): >= 75% of copy bandwidth, and no slower than torch's op.
+
+Run ``python bench/kernels.py [--markdown]`` on a CUDA machine; import and call :func:`run` to get
+the rows as dicts. Without CUDA it exits with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHAPES: list[tuple[int, int]] = [(4096, 16384), (8192, 4096)]
+DTYPES: list[torch.dtype] = [torch.bfloat16, torch.float32]
+ELEMENTWISE_TARGET = 0.85  # fraction of the measured copy bandwidth
+NORM_TARGET = 0.75
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One timed operation.
+
+    Attributes:
+        name: row label, e.g. ``"regelu2 fwd"``.
+        make: given the input x (2-D, requires_grad False), returns the no-argument callable timed.
+        floor_bytes: bytes per element that must cross DRAM, as a function of x's element size.
+        baseline: name of the torch entry this one must not be slower than (None for baselines).
+        target: required fraction of copy bandwidth (None for baselines).
+    """
+
+    name: str
+    make: Callable[[torch.Tensor], Callable[[], object]]
+    floor_bytes: Callable[[int], float]
+    baseline: str | None = None
+    target: float | None = None
+
+
+# Bytes per element (METHOD.md section 6): an elementwise fwd reads x and writes y (2e), a stock
+# bwd reads dy and x and writes dx (3e); the 2-bit variants add or replace x by 1/4 byte of codes.
+def _read_write(e: int) -> float:
+    return 2 * e
+
+
+def _read_write_codes(e: int) -> float:
+    return 2 * e + 0.25
+
+
+def _stock_bwd(e: int) -> float:
+    return 3 * e
+
+
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.randn_like(x)
+
+
+def _regelu2_fwd(x: torch.Tensor) -> Callable[[], object]:
+    return lambda: torch.ops.lowmembp.regelu2_fwd(x, "none")
+
+
+def _regelu2_bwd(x: torch.Tensor) -> Callable[[], object]:
+    codes, g = torch.ops.lowmembp.regelu2_fwd(x, "none")[1], _grad_like(x)
+    return lambda: torch.ops.lowmembp.step_bwd(g, codes, "regelu2")
+
+
+def _resilu2_fwd(x: torch.Tensor) -> Callable[[], object]:
+    return lambda: torch.ops.lowmembp.resilu2_fwd(x)
+
+
+def _resilu2_bwd(x: torch.Tensor) -> Callable[[], object]:
+    codes, g = torch.ops.lowmembp.resilu2_fwd(x)[1], _grad_like(x)
+    return lambda: torch.ops.lowmembp.step_bwd(g, codes, "resilu2")
+
+
+def _gelu_bwd(x: torch.Tensor) -> Callable[[], object]:
+    g = _grad_like(x)
+    return lambda: torch.ops.aten.gelu_backward(g, x, approximate="none")
+
+
+def _silu_bwd(x: torch.Tensor) -> Callable[[], object]:
+    g = _grad_like(x)
+    return lambda: torch.ops.aten.silu_backward(g, x)
+
+
+ACTIVATION_ENTRIES: list[Entry] = [
+    Entry("torch gelu fwd", lambda x: lambda: F.gelu(x), _read_write),
+    Entry("regelu2 fwd", _regelu2_fwd, _read_write_codes, "torch gelu fwd", ELEMENTWISE_TARGET),
+    Entry("torch gelu bwd", _gelu_bwd, _stock_bwd),
+    Entry("regelu2 bwd", _regelu2_bwd, _read_write_codes, "torch gelu bwd", ELEMENTWISE_TARGET),
+    Entry("torch silu fwd", lambda x: lambda: F.silu(x), _read_write),
+    Entry("resilu2 fwd", _resilu2_fwd, _read_write_codes, "torch silu fwd", ELEMENTWISE_TARGET),
+    Entry("torch silu bwd", _silu_bwd, _stock_bwd),
+    Entry("resilu2 bwd", _resilu2_bwd, _read_write_codes, "torch silu bwd", ELEMENTWISE_TARGET),
+]
+
+
+# ==================================================================================================
+# NORM ENTRIES: the memory-sharing norms of lowmembp_convert.ops.norms (another module; imported in a
+# try so this file runs before it exists). Bytes floor per METHOD.md section 6: fwd 2e (read x, write
+# y; one fp32 rstd per row is negligible), bwd 3e (read dy and y, write dx). Add norm benchmarks here.
+# ==================================================================================================
+
+
+def _timed_backward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Callable]:
+    def make(x: torch.Tensor) -> Callable[[], object]:
+        xg = x.detach().requires_grad_(True)
+        y = forward(xg)
+        g = _grad_like(y)
+        return lambda: torch.autograd.grad(y, xg, g, retain_graph=True)
+
+    return make
+
+
+def _norm_entries() -> list[Entry]:
+    try:
+        from lowmembp_convert.ops.norms import ms_layer_norm, ms_rms_norm
+    except ImportError as error:
+        print(f"[bench] skipping the norm entries: {error}", file=sys.stderr)
+        return []
+    eps = 1e-5
+    layer_norm = lambda x: F.layer_norm(x, x.shape[-1:], eps=eps)
+    rms_norm = lambda x: F.rms_norm(x, x.shape[-1:], eps=eps)
+    ms_ln = lambda x: ms_layer_norm(x, eps=eps)
+    ms_rms = lambda x: ms_rms_norm(x, eps=eps)
+    return [
+        Entry("torch layer_norm fwd", lambda x: lambda: layer_norm(x), _read_write),
+        Entry("ms_layer_norm fwd", lambda x: lambda: ms_ln(x), _read_write, "torch layer_norm fwd", NORM_TARGET),
+        Entry("torch layer_norm bwd", _timed_backward(layer_norm), _stock_bwd),
+        Entry("ms_layer_norm bwd", _timed_backward(ms_ln), _stock_bwd, "torch layer_norm bwd", NORM_TARGET),
+        Entry("torch rms_norm fwd", lambda x: lambda: rms_norm(x), _read_write),
+        Entry("ms_rms_norm fwd", lambda x: lambda: ms_rms(x), _read_write, "torch rms_norm fwd", NORM_TARGET),
+        Entry("torch rms_norm bwd", _timed_backward(rms_norm), _stock_bwd),
+        Entry("ms_rms_norm bwd", _timed_backward(ms_rms), _stock_bwd, "torch rms_norm bwd", NORM_TARGET),
+    ]
+
+
+# ==================================================================================================
+
+
+def _time_ms(fn: Callable[[], object], device: str) -> float:
+    if device != "cuda":  # smoke tests of this script only; CPU numbers mean nothing here
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def run(
+    rows_out: list[dict],
+    shapes: list[tuple[int, int]] = SHAPES,
+    dtypes: list[torch.dtype] = DTYPES,
+    entries: list[Entry] | None = None,
+    device: str = "cuda",
+) -> list[dict]:
+    """Time every entry on every shape and dtype; append one dict per measurement to ``rows_out``.
+
+    Args:
+        rows_out: list the rows are appended to (also returned).
+        shapes: 2-D input shapes [rows, hidden].
+        dtypes: input dtypes.
+        entries: what to time; default the activation entries plus the norm entries when importable.
+        device: "cuda"; anything else only smoke-tests this script (one untimed-quality call each).
+
+    Each row: shape, dtype, op, ms, GB/s, floor_ms, copy_GB/s, of_copy (fraction of copy bandwidth),
+    vs_torch (torch time / this time; > 1 is faster), target (text), ok (bool or None).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench/kernels.py needs a CUDA GPU (it times Triton kernels and DRAM bandwidth)")
+    import lowmembp_convert.ops.activations  # noqa: F401  (registers the lowmembp:: custom ops)
+
+    entries = entries if entries is not None else ACTIVATION_ENTRIES + _norm_entries()
+    for rows, hidden in shapes:
+        for dtype in dtypes:
+            x = torch.randn(rows, hidden, device=device, dtype=dtype)
+            n, e = x.numel(), x.element_size()
+            y = torch.empty_like(x)
+            copy_gbs = 2 * n * e / _time_ms(functools.partial(y.copy_, x), device) / 1e6
+            del y
+            times: dict[str, float] = {}
+            for entry in entries:
+                ms = _time_ms(entry.make(x), device)
+                times[entry.name] = ms
+                floor_bytes = entry.floor_bytes(e) * n
+                gbs = floor_bytes / ms / 1e6
+                of_copy = gbs / copy_gbs
+                vs_torch = times[entry.baseline] / ms if entry.baseline in times else None
+                ok = None
+                target = ""
+                if entry.target is not None:
+                    target = f">={entry.target:.0%} copy, >=1.00x torch"
+                    ok = of_copy >= entry.target and (vs_torch is None or vs_torch >= 1.0)
+                rows_out.append(
+                    {
+                        "shape": f"{rows}x{hidden}",
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "op": entry.name,
+                        "ms": ms,
+                        "GB/s": gbs,
+                        "floor_ms": floor_bytes / copy_gbs / 1e6,
+                        "copy_GB/s": copy_gbs,
+                        "of_copy": of_copy,
+                        "vs_torch": vs_torch,
+                        "target": target,
+                        "ok": ok,
+                    }
+                )
+            del x
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows_out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table (for BENCHMARKS.md)."""
+    columns = [
+        "shape",
+        "dtype",
+        "op",
+        "ms",
+        "floor_ms",
+        "GB/s",
+        "copy_GB/s",
+        "of_copy",
+        "vs_torch",
+        "target",
+        "ok",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_fmt(row[c]) for c in columns]
+        cells[columns.index("of_copy")] = f"{row['of_copy']:.0%}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py: no CUDA device; this benchmark only runs on a GPU.", file=sys.stderr)
+        return 2
+    rows = run([])
+    print(f"device: {torch.cuda.get_device_name()}")
+    if args.markdown:
+        print(format_markdown(rows))
+    else:
+        for row in rows:
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+    return 0 if all(row["ok"] is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
