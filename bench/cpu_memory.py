@@ -34,20 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from workloads import Workload, build_model, compute_loss, enable_grad_checkpointing, make_batch, workloads
+from workloads import Column, Workload, build_model, compute_loss, enable_grad_checkpointing, make_batch, workloads
 
 from lowmembp_convert.memory import MIB, PerBlock, SavedBytes, activation_memory, per_block_bytes, saved_in_graph
-
-
-@dataclass(frozen=True)
-class Column:
-    """How a column turns the freshly built model into the thing that runs."""
-
-    key: str
-    title: str
-    prepare: Callable[[Workload, nn.Module], nn.Module]
-    compiles: bool = False
-    memory_budget: float | None = None  # torch._functorch.config.activation_memory_budget
 
 
 def _convert(model: nn.Module, **overrides: bool) -> nn.Module:

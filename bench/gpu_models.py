@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
-from workloads import Workload, build_model, compute_loss, enable_grad_checkpointing, make_batch, workloads
+from workloads import Column, Workload, build_model, compute_loss, enable_grad_checkpointing, make_batch, workloads
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,6 @@ def _convert(model: nn.Module) -> nn.Module:
     import lowmembp_convert
 
     return lowmembp_convert.convert(model)
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str
-    title: str
-    prepare: Callable[[Workload, nn.Module], nn.Module]
-    compiles: bool = False
 
 
 def _ckpt(w: Workload, m: nn.Module) -> nn.Module:

@@ -308,3 +308,14 @@ def enable_grad_checkpointing(workload: Workload, model: nn.Module) -> None:
         base.set_grad_checkpointing(True)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass(frozen=True)
+class Column:
+    """A benchmark column: how it turns the freshly built model into the thing that runs."""
+
+    key: str
+    title: str
+    prepare: Callable[[Workload, nn.Module], nn.Module]
+    compiles: bool = False
+    memory_budget: float | None = None  # torch._functorch.config.activation_memory_budget (CPU bench)
