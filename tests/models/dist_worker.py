@@ -6,6 +6,7 @@ Each rank trains a copy of the same converted model on its half of the batch, wi
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -68,6 +69,9 @@ def run(rank: int, world: int, port: int, model: nn.Module, images, labels, step
             results["fsdp_error"] = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # nobody tears down while the other rank still communicates
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
