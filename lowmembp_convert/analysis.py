@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import Capture, CaptureError, capture_graph
-from .config import ConvertConfig
+from .config import ConvertConfig, resolve_config
 from .detect import NormSpec, classify_activation, classify_norm, is_converted
 from .graph_walk import WalkResult, walk_from
 from .plan import ActivationSite, Consumer, NormSite, Plan
@@ -307,7 +307,7 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
 
     Works on models whose parameters live on the ``meta`` device (nothing is computed on weights).
     """
-    config = _resolve_config(config, overrides)
+    config = resolve_config(config, overrides)
     plan = Plan()
     if config.activations:
         _find_activations(model, config, plan)
@@ -344,10 +344,3 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
     if config.activations:
         _functional_activations(capture, model, plan)
     return plan
-
-
-def _resolve_config(config: ConvertConfig | None, overrides: dict) -> ConvertConfig:
-    import dataclasses
-
-    config = config or ConvertConfig()
-    return dataclasses.replace(config, **overrides) if overrides else config

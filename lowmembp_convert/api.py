@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch.nn as nn
 
 from .analysis import plan_conversion
 from .capture import CaptureError, example_inputs_for
-from .config import ConvertConfig
+from .config import ConvertConfig, resolve_config
 from .report import Report
 from .rewrites.apply import apply_plan
 from .verify import verify_conversion
 
 CHECKPOINT_KEY = "lowmembp_convert"  # config.json / safetensors metadata entry of converted checkpoints
-
-
-def _resolve(config: ConvertConfig | None, overrides: dict) -> ConvertConfig:
-    config = config or ConvertConfig()
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(ConvertConfig)}
-    if unknown:
-        raise TypeError(f"convert() got unknown option(s) {sorted(unknown)}; see ConvertConfig")
-    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -44,7 +35,7 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
-    config = _resolve(config, overrides)
+    config = resolve_config(config, overrides)
     notes: list[str] = []
     meta = _on_meta(model)
     inputs = config.example_inputs

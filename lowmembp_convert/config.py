@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,3 +44,12 @@ class ConvertConfig:
     untie_embeddings: bool = False
     min_abs_weight: float = 1e-3
     measure_memory: bool = False
+
+
+def resolve_config(config: ConvertConfig | None, overrides: dict[str, Any]) -> ConvertConfig:
+    """``config`` (default: ConvertConfig()) with keyword ``overrides`` applied; unknown keys raise."""
+    config = config or ConvertConfig()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ConvertConfig)}
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; see lowmembp_convert.ConvertConfig")
+    return dataclasses.replace(config, **overrides) if overrides else config
