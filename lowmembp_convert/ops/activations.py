@@ -126,9 +126,7 @@ def _triton_bwd(grad: torch.Tensor, codes: torch.Tensor, step: StepDerivative) -
         return dx
     grid, block, num_warps = _launch_config(n)
     l0, l1, l2, l3 = step.levels_fp32
-    kernels._step_activation_bwd_kernel[grid](
-        grad, codes, dx, n, l0, l1, l2, l3, BLOCK=block, num_warps=num_warps
-    )
+    kernels._step_activation_bwd_kernel[grid](grad, codes, dx, n, l0, l1, l2, l3, BLOCK=block, num_warps=num_warps)
     return dx
 
 
@@ -143,9 +141,7 @@ def _reference_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(x, approximate=activation)
 
 
-def _reference_fwd(
-    x: torch.Tensor, activation: str, step: StepDerivative
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_fwd(x: torch.Tensor, activation: str, step: StepDerivative) -> tuple[torch.Tensor, torch.Tensor]:
     # The stock op on x as given (torch's strided CPU loops round differently from its contiguous
     # ones), so the forward is bit-identical to the unconverted model's; then made contiguous.
     y = _reference_activation(x, activation).contiguous()

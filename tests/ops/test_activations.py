@@ -467,9 +467,7 @@ def test_cpu_only_install_without_triton_imports_and_runs():
         "assert x.grad is not None\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "LOWMEMBP_FORCE_TRITON"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
