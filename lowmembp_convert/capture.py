@@ -103,8 +103,16 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> Ex
     )
 
 
+def _accepts_pre_logits(fn) -> bool:
+    try:
+        return "pre_logits" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class _FeaturesToo(nn.Module):
-    """Returns timm's ``forward_features`` output beside the logits, so that output stays exact."""
+    """Returns timm's ``forward_features`` and ``forward_head(pre_logits=True)`` outputs beside the
+    logits, so every output a timm user can ask for stays exact."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -112,7 +120,10 @@ class _FeaturesToo(nn.Module):
 
     def forward(self, *args):
         features = self.model.forward_features(*args)
-        return self.model.forward_head(features), features
+        outputs = [self.model.forward_head(features), features]
+        if _accepts_pre_logits(self.model.forward_head):  # the pooled features, another public output
+            outputs.append(self.model.forward_head(features, pre_logits=True))
+        return tuple(outputs)
 
 
 def _strip_prefix(program: torch.export.ExportedProgram, prefix: str) -> dict[str, str]:

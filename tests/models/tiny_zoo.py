@@ -339,14 +339,22 @@ FAMILIES: dict[str, Family] = {
             _timm("convnext_atto", conv_mlp=False, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)),
             inputs=_image_inputs(32, hf=False),
             embedding="stem.0.weight",
-            keep={r"stem\.1": r"affine kept in the norm: add in stages\.0\.blocks\.0"},
+            keep={
+                r"stem\.1": r"affine kept in the norm: add in stages\.0\.blocks\.0",
+                # forward_head(pre_logits=True) returns the normed, pooled features: kept exact
+                r"head\.norm": _RETURNED,
+            },
         ),
         Family(
             "convnext_conv_mlp",
             _timm("convnext_atto", conv_mlp=True, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)),
             inputs=_image_inputs(32, hf=False),
             embedding="stem.0.weight",
-            keep={r"stem\.1": r"affine kept in the norm: add in stages\.0\.blocks\.0"},
+            keep={
+                r"stem\.1": r"affine kept in the norm: add in stages\.0\.blocks\.0",
+                # forward_head(pre_logits=True) returns the normed, pooled features: kept exact
+                r"head\.norm": _RETURNED,
+            },
         ),
     ]
 }
