@@ -36,16 +36,16 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from timm.models.vision_transformer import VisionTransformer
 from torch.func import functional_call
 
 import lowmembp_convert
+
+# the same data and model as the training example, so the "pretrained" state is the one it trains
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from train_digits import build_vit, digits_tensors  # noqa: E402
 
 VARIANTS = {  # name -> convert() options, None for the unconverted float32 model
     "fp32": None,
@@ -53,26 +53,6 @@ VARIANTS = {  # name -> convert() options, None for the unconverted float32 mode
     "acts": {"norms": False},
     "full": {},
 }
-
-
-def digits_tensors(image_size: int) -> tuple[torch.Tensor, ...]:
-    """Same data as examples/train_digits.py: [0, 1], resized, standardised, fixed 75/25 split."""
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=digits.target, random_state=0)
-    train, test = torch.from_numpy(train), torch.from_numpy(test)
-    x = (x - x[train].mean()) / x[train].std()
-    return x[train], y[train], x[test], y[test]
-
-
-def build_vit(image_size: int) -> VisionTransformer:
-    """The model of examples/train_digits.py."""
-    return VisionTransformer(
-        img_size=image_size, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-        global_pool="avg", class_token=False,
-    )  # fmt: skip
 
 
 def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 0) -> float:

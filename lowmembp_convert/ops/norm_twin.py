@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .norms import ms_norm_bwd, ms_norm_bwd_affine, ms_norm_fwd
+from .norms import grads_from_output, ms_norm_fwd
 
 
 class _MSNormTwin(torch.autograd.Function):
@@ -32,16 +32,7 @@ class _MSNormTwin(torch.autograd.Function):
         twin, rstd, weight, bias = ctx.saved_tensors
         grads = [g.float() for g in (dy, dtwin) if g is not None]
         g = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        dx = dweight = dbias = None
-        if need_dx:
-            dx = ms_norm_bwd(g, twin, rstd, weight, bias, ctx.weight_offset, ctx.rms, ctx.x_dtype)
-        need_dweight = bool(need_dweight and weight is not None)
-        need_dbias = bool(need_dbias and bias is not None)
-        if need_dweight or need_dbias:
-            dweight, dbias = ms_norm_bwd_affine(g, twin, weight, bias, ctx.weight_offset, need_dweight, need_dbias)
-            dweight = dweight.to(weight.dtype) if need_dweight else None
-            dbias = dbias.to(bias.dtype) if need_dbias else None
+        dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, weight, bias)
         return dx, dweight, dbias, None, None, None, None
 
 

@@ -489,8 +489,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(rstd)
 
 
-def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
-    y, rstd, weight, bias = ctx.saved_tensors
+def grads_from_output(ctx, dy: Tensor, y: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """(dx, dweight, dbias) from the saved output y and rstd; None for what needs no gradient.
+
+    ``ctx`` supplies ``needs_input_grad`` (x, weight, bias first), ``weight_offset``, ``rms`` and
+    ``x_dtype``. Shared by this op and :mod:`lowmembp_convert.ops.norm_twin`.
+    """
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     dx = dweight = dbias = None
     if need_dx:
@@ -501,7 +505,12 @@ def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
         dweight, dbias = ms_norm_bwd_affine(dy, y, weight, bias, ctx.weight_offset, need_dweight, need_dbias)
         dweight = dweight if need_dweight else None
         dbias = dbias if need_dbias else None
-    return dx, dweight, dbias, None, None, None, None
+    return dx, dweight, dbias
+
+
+def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
+    y, rstd, weight, bias = ctx.saved_tensors
+    return (*grads_from_output(ctx, dy, y, rstd, weight, bias), None, None, None, None)
 
 
 ms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
