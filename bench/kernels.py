@@ -10,6 +10,10 @@ reached, the speed relative to the torch counterpart, and whether the target is 
 
 Run ``python bench/kernels.py [--markdown]`` on a CUDA machine; import and call :func:`run` to get
 the rows as dicts. Without CUDA it exits with a message.
+
+``python bench/kernels.py --aot [--markdown]`` needs no GPU: it compiles every kernel configuration the
+launchers can choose for sm_80 and sm_90 (:mod:`lowmembp_convert.aot`) and prints registers, shared
+memory and spills from the cubins, and the bytes each kernel moves per element against the floor.
 """
 
 from __future__ import annotations
@@ -258,10 +262,151 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ==================================================================================================
+# --aot: compiled for sm_80 / sm_90 on any machine, not run
+# ==================================================================================================
+
+_AOT_KERNEL_ORDER = [
+    "ms_norm_fwd_kernel",
+    "ms_norm_bwd_kernel",
+    "ms_norm_bwd_affine_kernel",
+    "_step_activation_fwd_kernel",
+    "_step_activation_bwd_kernel",
+]
+# Floor per METHOD.md section 6, by element size. The affine (dweight / dbias) pass has none of its
+# own: section 6's norm bwd figure (3e) is the whole backward, dx and the parameter gradients.
+_AOT_FLOOR: dict[str, Callable[[int], float] | None] = {
+    "ms_norm_fwd_kernel": _read_write,
+    "ms_norm_bwd_kernel": _stock_bwd,
+    "ms_norm_bwd_affine_kernel": None,
+    "_step_activation_fwd_kernel": _read_write_codes,
+    "_step_activation_bwd_kernel": _read_write_codes,
+}
+
+
+def _span(values: list) -> str:
+    lo, hi = min(values), max(values)
+    text = (lambda v: f"{v:g}") if isinstance(lo, float) else str
+    return text(lo) if lo == hi else f"{text(lo)}-{text(hi)}"
+
+
+def aot_rows(results: list) -> list[dict]:
+    """Fold compile results (:func:`lowmembp_convert.aot.compile_configs`) into table rows.
+
+    One row per kernel, dtype, launch configuration and target; the caller-chosen flags (RMS,
+    HAS_WEIGHT, HAS_BIAS, COMPUTE_DW / DB, ACTIVATION) are folded: registers and bytes show their
+    range, shared memory and spills their maximum.
+    """
+    from lowmembp_convert import aot
+
+    groups: dict[tuple, list] = {}
+    for r in results:
+        c = r.config
+        groups.setdefault((c.kernel, c.dtype, c.launch, c.num_warps, r.target), []).append(r)
+    rows = []
+    for (kernel, dtype, _launch, _warps, target), rs in groups.items():
+        config = rs[0].config
+        floor = _AOT_FLOOR[kernel]
+        rows.append(
+            {
+                "kernel": kernel,
+                "dtype": dtype,
+                "config": f"{config.launch_label()} (N={', '.join(map(str, rs[0].ns))})",
+                "flag sets": len(rs),
+                "target": f"sm_{target}",
+                "regs/thread": _span([r.registers for r in rs]),
+                "2 programs/SM": all(aot.fits_two_programs_per_sm(r) for r in rs),
+                "shared B (dyn+static)": f"{max(r.dynamic_shared for r in rs)}+{max(r.static_shared for r in rs)}",
+                "spills (local B)": max(r.local_bytes for r in rs),
+                "B/elem moved": _span([aot.issued_bytes_per_element(r.config) for r in rs]),
+                "B/elem floor (METHOD 6)": f"{floor(aot.ELEMENT_SIZE[dtype]):g}" if floor else "(in bwd)",
+                "_sort": (_AOT_KERNEL_ORDER.index(kernel), aot.DTYPES.index(dtype), rs[0].ns, target),
+            }
+        )
+    rows.sort(key=lambda row: row.pop("_sort"))
+    return rows
+
+
+def format_aot_markdown(rows: list[dict]) -> str:
+    """The --aot rows as a markdown table."""
+    columns = [c for c in rows[0] if not c.startswith("_")] if rows else []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def aot_summary(results: list) -> str:
+    """One line: how many configurations, the largest register count, spills."""
+    from lowmembp_convert import aot
+
+    top = max(results, key=lambda r: r.registers)
+    spilling = [r for r in results if r.local_bytes]
+    over = [r for r in results if not aot.fits_two_programs_per_sm(r)]
+    over_kernels = sorted({f"{r.config.kernel} ({r.config.launch_label()})" for r in over})
+    return (
+        f"{len({r.config for r in results})} configurations x {len({r.target for r in results})} targets = "
+        f"{len(results)} cubins; max {top.registers} registers/thread ({top.config.kernel}, {top.config.dtype}, "
+        f"{top.config.flags_label()}, {top.config.launch_label()}, sm_{top.target}); "
+        f"{len(spilling)} with local memory (spills); {len(over)} over the two-programs-per-SM register budget"
+        + (f": {'; '.join(over_kernels)}" if over_kernels else "")
+        + f"; resource usage read with {', '.join(sorted({r.tool for r in results}))}"
+    )
+
+
+def _aot_environment(argv: list[str]) -> str:
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    import triton
+
+    ptxas = triton.knobs.nvidia.ptxas.path
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    release = next((line.split("release", 1)[1].strip() for line in version.splitlines() if "release" in line), "?")
+    return (
+        f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs, "
+        f"CUDA device: {'yes' if torch.cuda.is_available() else 'none'} (compiled, not run)\n"
+        f"- triton {triton.__version__} and its bundled ptxas / cuobjdump (CUDA {release}), torch {torch.__version__}\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- command: `{' '.join(['python', 'bench/kernels.py', *argv])}`"
+    )
+
+
+def main_aot(markdown: bool, jobs: int, argv: list[str]) -> int:
+    """--aot: compile every configuration for sm_80 / sm_90 and print the table; 1 if anything spills."""
+    from lowmembp_convert import aot
+
+    missing = aot.toolchain_missing()
+    if missing:
+        print(f"bench/kernels.py --aot: {missing}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = aot.compile_configs(aot.all_configs(), jobs=jobs)
+    elapsed = time.perf_counter() - start
+    rows = aot_rows(results)
+    summary = aot_summary(results)
+    if markdown:
+        print(_aot_environment(argv))
+        print(f"- {summary} (compiled in {elapsed:.0f} s)\n")
+        print(format_aot_markdown(rows))
+    else:
+        print(f"{summary} (compiled in {elapsed:.0f} s)")
+        for row in rows:
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+    return 1 if any(r.local_bytes for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument(
+        "--aot", action="store_true", help="compile every kernel configuration for sm_80/sm_90 (no GPU needed)"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="--aot: compiler processes in parallel")
     args = parser.parse_args(argv)
+    if args.aot:
+        return main_aot(args.markdown, args.jobs, sys.argv[1:] if argv is None else list(argv))
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device; this benchmark only runs on a GPU.", file=sys.stderr)
         return 2
