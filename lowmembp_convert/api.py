@@ -1,23 +1,60 @@
-"""``convert(model)``: analyse, then apply, in place; the report rides on the model."""
+"""``convert(model)``: analyse, then apply, in place, all or nothing; the report rides on the model.
+
+The promise: after ``convert()`` returns, the model computes what it did before (outputs checked on
+a small batch unless ``verify=False``), every norm affine that was trainable still trains, and
+buffers and random state are as they were. If ``convert()`` raises, for whatever cause, the model is
+exactly as it was: same module objects, parameter values, buffers, hooks and attributes.
+"""
 
 from __future__ import annotations
 
-import copy
+import warnings
 
+import torch
 import torch.nn as nn
 
+from . import verify as verification
 from .analysis import plan_conversion
 from .capture import CaptureError, example_inputs_for
 from .config import ConvertConfig, resolve_config
+from .errors import ConversionError
+from .plan import Plan
 from .report import Report
 from .rewrites.apply import apply_plan
-from .verify import verify_conversion
+from .transaction import ModelSnapshot, no_side_effects
 
 CHECKPOINT_KEY = "lowmembp_convert"  # config.json / safetensors metadata entry of converted checkpoints
+REPORT_ATTR = "lowmembp_report"
 
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"convert() cannot rewrite a TorchScript module ({type(model).__name__}): its code is compiled. "
+            "Convert the Python model first, then script it"
+        )
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _edited_tensors(model: nn.Module, plan: Plan) -> list[torch.Tensor]:
+    """The parameters a fold writes into (consumer weights and biases)."""
+    tensors = []
+    for site in plan.norms:
+        if site.action == "fold" and not site.already_folded:
+            for consumer in site.consumers:
+                tensors.append(model.get_parameter(consumer.weight))
+                if consumer.bias:
+                    tensors.append(model.get_parameter(consumer.bias))
+    return tensors
 
 
 def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) -> nn.Module:
@@ -31,59 +68,86 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
         model: any ``nn.Module`` (transformers, timm, PEFT-wrapped...), possibly on ``meta``.
         config: a :class:`ConvertConfig`; keyword ``overrides`` replace its fields.
     Raises:
-        ConversionError: ``verify=True`` and the converted model's output diverges.
+        TypeError, ValueError: a bad option or model (nothing was touched).
+        ConversionError: verification found a divergence; the model was rolled back.
+        Any exception raised while converting leaves the model exactly as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     config = resolve_config(config, overrides)
     notes: list[str] = []
     meta = _on_meta(model)
-    inputs = config.example_inputs
-    wants_inputs = (config.verify or config.measure_memory) and not meta
-    if wants_inputs and inputs is None:
-        try:
-            inputs = example_inputs_for(model)
-        except CaptureError as exc:
-            raise CaptureError(f"{exc} (needed by verify/measure_memory)") from exc
-    original = copy.deepcopy(model) if config.verify and not meta else None
-    before = _measure(model, inputs) if config.measure_memory and not meta else None
-
-    previous = getattr(getattr(model, "config", None), CHECKPOINT_KEY, None)
-    if previous:
-        notes.append(f"loaded from a lowmembp-convert checkpoint ({previous}); its norms are folded already")
-    plan = plan_conversion(model, config)
-    notes += apply_plan(model, plan, untie_embeddings=config.untie_embeddings)
-    report = Report(model=type(model).__name__, plan=plan, notes=notes)
-    if meta and (config.verify or config.measure_memory):
-        report.notes.append("verify/measure_memory skipped: the model is on the meta device")
-    if original is not None:
-        folded = [s for s in plan.norms if s.action == "fold"]
-        error = verify_conversion(
-            original,
-            model,
-            inputs,
-            rtol=config.verify_rtol,
-            folded_norms=[s.module for s in folded],
-            consumers=[c.module for s in folded for c in s.consumers],
-        )
-        report.notes.append(f"verified: max relative output error {error:.2e} (rtol {config.verify_rtol:.0e})")
-    if before is not None:
-        report.bytes_before, report.bytes_after = before, _measure(model, inputs)
-    model.lowmembp_report = report
+    inputs = _inputs_for_checks(model, config, meta, notes)
+    previous = getattr(model, REPORT_ATTR, None)
+    trainable_before = _trainable(model)
+    snapshot = ModelSnapshot(model)
+    try:
+        recording = verification.record(model, inputs) if config.verify and inputs is not None else None
+        before = _measure(model, inputs) if config.measure_memory and inputs is not None else None
+        loaded_from = getattr(getattr(model, "config", None), CHECKPOINT_KEY, None)
+        if loaded_from:
+            notes.append(f"loaded from a lowmembp-convert checkpoint ({loaded_from}); its norms are folded already")
+        plan = plan_conversion(model, config)
+        snapshot.keep_values(_edited_tensors(model, plan))
+        notes += apply_plan(model, plan, untie_embeddings=config.untie_embeddings, min_abs_weight=config.min_abs_weight)
+        report = Report(model=type(model).__name__, plan=plan, notes=notes, previous=previous)
+        report.trainable_before = len(trainable_before)
+        report.trainable_after = len(_trainable(model))
+        if recording is not None:
+            folded = [s for s in plan.norms if s.action == "fold"]
+            try:
+                error = recording.compare(
+                    model,
+                    rtol=config.verify_rtol,
+                    folded_norms=[s.module for s in folded],
+                    consumers=[c.module for s in folded for c in s.consumers],
+                )
+            except ConversionError as exc:
+                raise ConversionError(
+                    f"{exc} The model was rolled back to its original state. Exclude the site(s) feeding that module "
+                    "with filter_fn=lambda module, name: ..., or pass verify=False to skip the check."
+                ) from None
+            report.notes.append(
+                f"verified: max relative output error {error:.2e} (one batch, replayed after the rewrite)"
+            )
+        if before is not None:
+            report.bytes_before, report.bytes_after = before, _measure(model, inputs)
+        setattr(model, REPORT_ATTR, report)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
+def _inputs_for_checks(model: nn.Module, config: ConvertConfig, meta: bool, notes: list[str]):
+    """The batch for verify / measure_memory, or None (with a note) when there is none."""
+    if not (config.verify or config.measure_memory):
+        return None
+    if meta:
+        notes.append("verify/measure_memory skipped: the model is on the meta device")
+        return None
+    if config.example_inputs is not None:
+        return config.example_inputs
+    try:
+        return example_inputs_for(model)
+    except CaptureError as exc:
+        if config.measure_memory:
+            raise CaptureError(f"{exc} (needed by measure_memory)") from exc
+        message = (
+            f"verify skipped: cannot build example inputs for {type(model).__name__}; pass example_inputs=((args...), "
+            "{kwargs...}) to check the conversion (or verify=False to silence this)"
+        )
+        warnings.warn(message, stacklevel=3)
+        notes.append(message)
+        return None
+
+
 def _measure(model: nn.Module, inputs) -> int:
-    """Bytes saved for backward by one forward of ``model`` on ``inputs`` (training mode)."""
+    """Bytes saved for backward by one training-mode forward of ``model`` on ``inputs``, leaving no
+    trace (buffers such as BatchNorm statistics, RNG, train/eval flags are restored)."""
     from .memory import activation_memory
-    from .verify import first_tensor
 
     args, kwargs = inputs
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    try:
-        saved = activation_memory(lambda: first_tensor(model(*args, **kwargs)).float().sum(), params=model)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with no_side_effects(model):
+        model.train()
+        saved = activation_memory(lambda: verification.first_tensor(model(*args, **kwargs)).float().sum(), params=model)
     return saved.total

@@ -8,6 +8,7 @@ Example inputs come from the model's own config unless the user passes them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Capture:
     program: torch.export.ExportedProgram
     param_of_placeholder: dict[str, str]  # placeholder node name -> parameter fqn
     seconds: float
+    state_placeholders: frozenset[str] = frozenset()  # placeholders of parameters, buffers and constants
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -49,13 +51,22 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _add_flags(model: nn.Module, config: Any, kwargs: dict[str, Any]) -> None:
+def _add_flags(model: nn.Module, config: Any, kwargs: dict[str, Any], force: bool = False) -> None:
     # Every output the model can return must stay exact, so trace with all hidden states returned:
     # a norm whose output is a hidden state then keeps its affine instead of being folded away.
-    if _accepts(model, "use_cache") and getattr(config, "use_cache", None) is not None:
+    # ``force``: the user's own example inputs; only keywords the model names explicitly are added.
+    named = _names(model, "use_cache") if force else _accepts(model, "use_cache")
+    if named and (force or getattr(config, "use_cache", None) is not None):
         kwargs["use_cache"] = False
-    if _accepts(model, "output_hidden_states"):
+    if _names(model, "output_hidden_states") if force else _accepts(model, "output_hidden_states"):
         kwargs["output_hidden_states"] = True
+
+
+def _names(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> ExampleInputs:
@@ -110,20 +121,56 @@ def _accepts_pre_logits(fn) -> bool:
         return False
 
 
-class _FeaturesToo(nn.Module):
-    """Returns timm's ``forward_features`` and ``forward_head(pre_logits=True)`` outputs beside the
-    logits, so every output a timm user can ask for stays exact."""
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
 
-    def __init__(self, model: nn.Module):
+
+def _nested_models(model: nn.Module) -> list[nn.Module]:
+    """transformers models inside ``model`` (a user's wrapper, a PEFT model): their outputs, hidden
+    states included, are outputs a user can ask for even when the wrapper does not return them."""
+    return [
+        m
+        for m in model.modules()
+        if m is not model
+        and hasattr(getattr(m, "config", None), "output_hidden_states")
+        and hasattr(m, "main_input_name")
+    ]
+
+
+class _EveryOutput(nn.Module):
+    """The model as traced: its outputs, plus every output a user can ask for some other way.
+
+    - timm: ``forward_features`` and ``forward_head(pre_logits=True)`` beside the logits;
+    - transformers models nested in the model: everything they return (hidden states included).
+    """
+
+    def __init__(self, model: nn.Module, features: bool, nested: list[nn.Module]):
         super().__init__()
         self.model = model
+        self.features = features
+        self.nested = nested
 
-    def forward(self, *args):
-        features = self.model.forward_features(*args)
-        outputs = [self.model.forward_head(features), features]
-        if _accepts_pre_logits(self.model.forward_head):  # the pooled features, another public output
-            outputs.append(self.model.forward_head(features, pre_logits=True))
-        return tuple(outputs)
+    def forward(self, *args, **kwargs):
+        collected: list[torch.Tensor] = []
+        handles = [m.register_forward_hook(lambda _m, _i, out: collected.extend(_tensors(out))) for m in self.nested]
+        try:
+            if self.features:
+                features = self.model.forward_features(*args)
+                outputs = [self.model.forward_head(features), features]
+                if _accepts_pre_logits(self.model.forward_head):  # the pooled features, another public output
+                    outputs.append(self.model.forward_head(features, pre_logits=True))
+            else:
+                outputs = [self.model(*args, **kwargs)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return tuple(outputs) + tuple(collected)
 
 
 def _strip_prefix(program: torch.export.ExportedProgram, prefix: str) -> dict[str, str]:
@@ -140,12 +187,47 @@ def _strip_prefix(program: torch.export.ExportedProgram, prefix: str) -> dict[st
     }
 
 
+@contextlib.contextmanager
+def every_output_requested(model: nn.Module):
+    """Every transformers model inside ``model`` (the model itself, or one nested in a user's
+    wrapper) returns all its hidden states and builds no cache while this is active.
+
+    Hidden states are outputs a user can ask for, so the trace must show them as outputs (a norm
+    whose output is one then keeps its affine); a cache object cannot be traced. Set through each
+    config, since a wrapper's forward decides which keywords reach the inner model.
+    """
+    saved = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or any(c is config for c, _ in saved) or not hasattr(config, "output_hidden_states"):
+            continue
+        values = {
+            name: getattr(config, name) for name in ("output_hidden_states", "use_cache") if hasattr(config, name)
+        }
+        saved.append((config, values))
+    try:
+        for config, values in saved:
+            config.output_hidden_states = True
+            if "use_cache" in values:
+                config.use_cache = False
+        yield
+    finally:
+        for config, values in saved:
+            for name, value in values.items():
+                setattr(config, name, value)
+
+
 def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None) -> Capture:
     """Export ``model`` (in training mode, as it will be fine-tuned) on fake tensors.
 
-    The model's train/eval flags are restored afterwards; its weights are never read.
+    The model's train/eval flags and configs are restored afterwards; its weights are never read.
     """
-    args, kwargs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    if example_inputs is not None:
+        args, kwargs = example_inputs
+        kwargs = dict(kwargs)
+        _add_flags(model, getattr(model, "config", None), kwargs, force=True)
+    else:
+        args, kwargs = example_inputs_for(model)
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
     wrap = (
@@ -153,21 +235,28 @@ def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None)
         and callable(getattr(model, "forward_features", None))
         and callable(getattr(model, "forward_head", None))
     )
+    nested = _nested_models(model)
+    wrapped = wrap or bool(nested)
     try:
         model.train()
-        target = _FeaturesToo(model) if wrap else model
-        program = torch.export.export(target, tuple(args), dict(kwargs), strict=False)
+        target = _EveryOutput(model, wrap, nested) if wrapped else model
+        with every_output_requested(model):
+            program = torch.export.export(target, tuple(args), dict(kwargs), strict=False)
     except Exception as exc:  # any tracing failure is reported, never guessed around
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
         for m, training in modes.items():
             m.training = training
-    if wrap:
+    if wrapped:
         params = _strip_prefix(program, "model.")
     else:
         params = dict(program.graph_signature.inputs_to_parameters)
+    signature = program.graph_signature
+    state = {*signature.inputs_to_parameters, *signature.inputs_to_buffers}
+    state |= set(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
     return Capture(
         program=program,
         param_of_placeholder=params,
         seconds=time.perf_counter() - start,
+        state_placeholders=frozenset(state),
     )

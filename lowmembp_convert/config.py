@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +18,16 @@ class ConvertConfig:
     """Options of a conversion.
 
     Attributes:
-        activations: replace GELU/SiLU modules by ReGELU2/ReSiLU2 (approximate backward).
+        activations: ``True`` or ``"approx"``: replace GELU/SiLU modules by ReGELU2/ReSiLU2
+            (exact forward, approximate 2-bit backward); ``False``: leave them.
         norms: fold norm affines into consumers and swap in memory-sharing norms (exact).
         filter_fn: ``filter_fn(module, fqn) -> bool``; a site is converted only when it returns True
             for the site's module (norm or activation). None converts everything eligible.
-        verify: run the original and the converted model on one random batch and raise
-            ``ConversionError`` naming the first diverging module if outputs differ.
-        verify_rtol: relative tolerance of ``verify`` (max |a-b| / max |a|).
+        verify: (default on) record the original's outputs on one small batch before rewriting,
+            replay it after, and on a divergence roll the model back and raise ``ConversionError``
+            naming the first diverging module. No copy of the model is made.
+        verify_rtol: tolerance of ``verify`` (max |a-b| / max |a|); None picks one per dtype
+            (float32 1e-5, float16 1e-2, bfloat16 5e-2).
         example_inputs: ``(args, kwargs)`` for graph capture; None builds them from the model's
             config (HF ``main_input_name``, timm ``pretrained_cfg['input_size']``).
         untie_embeddings: allow folding into an output layer whose weight is tied to the input
@@ -35,19 +39,72 @@ class ConvertConfig:
             forward+backward of each on a random batch) and put them in the report.
     """
 
-    activations: bool = True
+    activations: bool | str = True
     norms: bool = True
     filter_fn: FilterFn | None = None
-    verify: bool = False
-    verify_rtol: float = 1e-4
+    verify: bool = True
+    verify_rtol: float | None = None
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     untie_embeddings: bool = False
     min_abs_weight: float = 1e-3
     measure_memory: bool = False
 
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"ConvertConfig.{name} must be True or False, got {value!r}")
+
+
+def _positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    accepted = ("a number >= 0" if allow_zero else "a positive number") + (" or None" if allow_none else "")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"ConvertConfig.{name} must be {accepted}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"ConvertConfig.{name} must be {accepted}, got {value!r}")
+
+
+def _example_inputs(value: Any) -> None:
+    if value is None:
+        return
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], (tuple, list))
+        and isinstance(value[1], dict)
+    ):
+        return
+    hint = " (a single tensor x goes as ((x,), {}))" if not isinstance(value, dict) else " (kwargs go as ((), {...}))"
+    raise TypeError(
+        "ConvertConfig.example_inputs must be a pair (args, kwargs), e.g. ((x,), {}) or ((), {'input_ids': ids}); "
+        f"got {type(value).__name__}{hint}"
+    )
+
+
+def validate(config: ConvertConfig) -> None:
+    """Raise TypeError/ValueError naming the option and its accepted forms."""
+    if config.activations not in (True, False, "approx") or not isinstance(config.activations, (bool, str)):
+        raise ValueError(f"ConvertConfig.activations must be True, False or 'approx', got {config.activations!r}")
+    for name in ("norms", "verify", "untie_embeddings", "measure_memory"):
+        _bool(name, getattr(config, name))
+    if config.filter_fn is not None and not callable(config.filter_fn):
+        raise TypeError(f"ConvertConfig.filter_fn must be a callable (module, fqn) -> bool, got {config.filter_fn!r}")
+    _positive("verify_rtol", config.verify_rtol, allow_none=True)
+    _positive("min_abs_weight", config.min_abs_weight, allow_zero=True)
+    _example_inputs(config.example_inputs)
+
 
 def resolve_config(config: ConvertConfig | None, overrides: dict[str, Any]) -> ConvertConfig:
     """``config`` (default: ConvertConfig()) with keyword ``overrides`` applied; unknown keys raise."""
+    if config is not None and not isinstance(config, ConvertConfig):
+        raise TypeError(
+            f"config must be a lowmembp_convert.ConvertConfig, got {type(config).__name__}; "
+            "pass options as keywords instead (convert(model, verify=False, ...))"
+        )
     config = config or ConvertConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ConvertConfig)}
     if unknown:

@@ -10,6 +10,8 @@ the ``meta`` device are recognised too (the copy is materialised on CPU with ran
 from __future__ import annotations
 
 import copy
+import enum
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -32,7 +34,7 @@ class NormSpec:
     """What a verified norm computes."""
 
     kind: NormKind
-    eps: float
+    eps: float | None  # None: the input dtype's machine epsilon (nn.RMSNorm with eps=None)
     size: int
     has_weight: bool
     has_bias: bool
@@ -40,20 +42,38 @@ class NormSpec:
     channel_dim: int  # -1, or 1 for NCHW inputs
 
 
+_MODULE_INTERNALS = frozenset({"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+_VALUE_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def _setting(value) -> object:
+    """A hashable stand-in for one attribute: the value itself for plain values (tuples of them too),
+    else the object's identity (a stored callable, a child object, a list...)."""
+    if isinstance(value, _VALUE_TYPES):
+        return (type(value), value)
+    if isinstance(value, (tuple, frozenset)):
+        return (type(value), tuple(_setting(v) for v in value))
+    return ("id", id(value))
+
+
 def _behaviour_key(module: nn.Module, *extra) -> tuple:
-    """What a module's behaviour can depend on besides its weights: its class and plain settings.
+    """Everything a leaf module's behaviour can depend on besides its parameter values.
 
-    Two modules with the same key compute the same function of (input, weights), so one
-    verification covers both (a 32-layer model has 65 identical RMSNorms).
+    The class, every attribute (plain values by value, anything else by identity: two modules
+    holding the same function object compute the same thing) and every hook. Two modules with the
+    same key compute the same function of (input, weights), so one verification covers both (a
+    32-layer model has 65 identical RMSNorms). Identities are only meaningful while the objects
+    live, which is why a :class:`Detector` (and its cache) lives for one analysis only.
     """
-    settings = tuple(
-        sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None))))
-    )
-    return (type(module), settings, *extra)
-
-
-_ACTIVATION_CACHE: dict[tuple, ActivationKind | None] = {}
-_NORM_CACHE: dict[tuple, NormSpec | None] = {}
+    settings = []
+    for name, value in sorted(vars(module).items()):
+        if name in _MODULE_INTERNALS:
+            continue
+        if isinstance(value, dict) and name.startswith("_") and "hook" in name:
+            settings.append((name, tuple(id(h) for h in value.values())))
+            continue
+        settings.append((name, _setting(value)))
+    return (type(module), tuple(settings), *extra)
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -64,36 +84,117 @@ def _activation_probe() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=gen) * 4
     edges = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 3.19, -3.19, 6.3, -6.3, 20.0, -20.0, 50.0, -50.0])
-    return torch.cat([x, edges])
+    return torch.cat([x, edges]).reshape(2, 2, 1027)  # n-D, so a module acting along a dim shows
 
 
-def classify_activation(module: nn.Module) -> ActivationKind | None:
-    """Return the activation a parameter-free leaf module computes, or None."""
-    if is_converted(module) or any(True for _ in module.children()):
-        return None
-    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-        return None
-    key = _behaviour_key(module)
-    if key not in _ACTIVATION_CACHE:
-        _ACTIVATION_CACHE[key] = _match_activation(module)
-    return _ACTIVATION_CACHE[key]
+def takes_one_tensor(module: nn.Module) -> bool:
+    """True when ``module.forward`` has exactly one parameter: a caller cannot pass it anything else
+    (a gated norm's ``forward(x, gate=None)`` or an activation with options is not replaceable)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
 
 
-def _match_activation(module: nn.Module) -> ActivationKind | None:
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What a verified activation module computes."""
+
+    kind: ActivationKind
+    inplace: bool  # it writes its result into its input (nn.GELU/SiLU(inplace=True) and the like)
+
+
+class Detector:
+    """Recognises norms and activations by behaviour, with a cache scoped to one analysis.
+
+    The cache key is everything a module's behaviour can depend on (:func:`_behaviour_key`), and it
+    holds object identities, so it must not outlive the objects: make one Detector per analysis.
+    """
+
+    def __init__(self) -> None:
+        self._activations: dict[tuple, ActivationSpec | None] = {}
+        self._norms: dict[tuple, NormSpec | None] = {}
+
+    def activation(self, module: nn.Module) -> ActivationSpec | None:
+        """The activation a parameter-free leaf module computes, or None."""
+        if is_converted(module) or any(True for _ in module.children()) or not takes_one_tensor(module):
+            return None
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            return None
+        key = _behaviour_key(module)
+        if key not in self._activations:
+            self._activations[key] = _match_activation(module)
+        return self._activations[key]
+
+    def norm(self, module: nn.Module) -> NormSpec | None:
+        """What a leaf module computes if it is a LayerNorm/RMSNorm over one dim, else None."""
+        if is_converted(module) or any(True for _ in module.children()) or not takes_one_tensor(module):
+            return None
+        params = _norm_params(module)
+        if params is None:
+            return None
+        weight, bias = params
+        if weight is None and bias is None:
+            shape = getattr(module, "normalized_shape", None)
+            if not (isinstance(shape, (tuple, list)) and len(shape) == 1):
+                return None
+            size = int(shape[0])
+        else:
+            size = int((weight if weight is not None else bias).shape[0])
+        eps_values = _eps_candidates(module)
+        if not eps_values:
+            return None
+        shapes = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
+        key = _behaviour_key(module, size, shapes)
+        if key not in self._norms:
+            try:
+                probe = _probe_copy(module)
+            except Exception:  # a module that cannot be copied cannot be probed: not recognised
+                self._norms[key] = None
+            else:
+                with torch.device("cpu"):
+                    self._norms[key] = _match_norm_in_both_modes(probe, weight, bias, size, eps_values)
+        return self._norms[key]
+
+
+def classify_activation(module: nn.Module) -> ActivationSpec | None:
+    """One-off :meth:`Detector.activation` (no cache shared with anything)."""
+    return Detector().activation(module)
+
+
+def classify_norm(module: nn.Module) -> NormSpec | None:
+    """One-off :meth:`Detector.norm` (no cache shared with anything)."""
+    return Detector().norm(module)
+
+
+def _match_activation(module: nn.Module) -> ActivationSpec | None:
+    """Run a copy of the module (so no state of the user's is touched) on a probe, in both modes."""
     with torch.device("cpu"):
         x = _activation_probe()
-    try:
-        with torch.no_grad():
-            y = module(x.clone())  # clone: in-place activations must not touch the probe
-    except Exception:
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
-        return None
-    for kind, fn in _ACTIVATIONS:
-        ref = fn(x)
-        if torch.allclose(y, ref, rtol=1e-5, atol=1e-6):
-            return kind
-    return None
+        try:
+            probe = copy.deepcopy(module)
+        except Exception:
+            return None
+        found = set()
+        for training in (True, False):
+            probe.train(training)
+            given = x.clone()
+            try:
+                with torch.no_grad():
+                    y = probe(given)
+            except Exception:
+                return None
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+                return None
+            mutated = not torch.equal(given, x)
+            if mutated and not (y.data_ptr() == given.data_ptr() or torch.equal(given, y)):
+                return None  # writes something other than its result into its input
+            kind = next((k for k, fn in _ACTIVATIONS if torch.allclose(y, fn(x), rtol=1e-5, atol=1e-6)), None)
+            if kind is None:
+                return None
+            found.add(ActivationSpec(kind, mutated))
+    return found.pop() if len(found) == 1 else None
 
 
 def _norm_params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
@@ -110,8 +211,12 @@ def _norm_params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor |
     return weight, bias
 
 
-def _eps_candidates(module: nn.Module) -> list[float]:
-    found = []
+def _eps_candidates(module: nn.Module) -> list[float | None]:
+    """Candidate eps values from the module's attributes; None stands for "the input dtype's machine
+    epsilon", which is what ``nn.RMSNorm`` / ``F.rms_norm`` use when their eps is None."""
+    found: list[float | None] = []
+    if "eps" in vars(module) and module.eps is None:
+        found.append(None)
     for name in _EPS_ATTRS:
         value = getattr(module, name, None)
         if isinstance(value, (float, int)) and not isinstance(value, bool) and value >= 0:
@@ -155,34 +260,16 @@ def _probe_copy_cpu(module: nn.Module) -> nn.Module:
                 torch.rand(p.shape, generator=gen) + 0.5 if name == "weight" else torch.randn(p.shape, generator=gen)
             )
             p.copy_(values)
-    return probe.eval()
+    return probe
 
 
-def classify_norm(module: nn.Module) -> NormSpec | None:
-    """Return what a leaf module computes if it is a LayerNorm/RMSNorm over one dim, else None."""
-    if is_converted(module) or any(True for _ in module.children()):
-        return None
-    params = _norm_params(module)
-    if params is None:
-        return None
-    weight, bias = params
-    if weight is None and bias is None:
-        shape = getattr(module, "normalized_shape", None)
-        if not (isinstance(shape, (tuple, list)) and len(shape) == 1):
-            return None
-        size = int(shape[0])
-    else:
-        size = int((weight if weight is not None else bias).shape[0])
-    eps_values = _eps_candidates(module)
-    if not eps_values:
-        return None
-    shapes = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
-    key = _behaviour_key(module, size, shapes)
-    if key not in _NORM_CACHE:
-        probe = _probe_copy(module)
-        with torch.device("cpu"):
-            _NORM_CACHE[key] = _match_norm_formula(probe, weight, bias, size, eps_values)
-    return _NORM_CACHE[key]
+def _match_norm_in_both_modes(probe, weight, bias, size, eps_values) -> NormSpec | None:
+    """The formula must hold in training and in eval mode (a module may branch on ``training``)."""
+    specs = set()
+    for training in (True, False):
+        probe.train(training)
+        specs.add(_match_norm_formula(probe, weight, bias, size, eps_values))
+    return specs.pop() if len(specs) == 1 else None
 
 
 def _match_norm_formula(probe, weight, bias, size, eps_values) -> NormSpec | None:
@@ -208,7 +295,8 @@ def _match_norm_formula(probe, weight, bias, size, eps_values) -> NormSpec | Non
             for eps in eps_values:
                 for offset in (0.0, 1.0) if p_weight is not None else (0.0,):
                     scale = None if p_weight is None else p_weight.detach() + offset
-                    ref = _formula(x, kind, eps, scale, p_bias, channel_dim)
+                    value = torch.finfo(x.dtype).eps if eps is None else eps
+                    ref = _formula(x, kind, value, scale, p_bias, channel_dim)
                     err = (y - ref).abs().max().item()
                     if math.isfinite(err) and err <= 1e-4 * max(1.0, ref.abs().max().item()):
                         return NormSpec(kind, eps, size, weight is not None, bias is not None, offset, channel_dim)

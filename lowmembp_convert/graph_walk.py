@@ -249,8 +249,15 @@ def walk_from(start: fx.Node, channel_dim: int) -> WalkResult:
                 if use.zero_padded:
                     result.bias_blockers.append(f"{_where(user)} pads with zeros (a shift would leak into the border)")
                 continue
-            if shares and _op_name(user) in ("linear", "matmul") and user.args and user.args[0] is src:
-                note = f"{_where(user)} contracts a dim other than the normalized channels"
+            if shares and _op_name(user) in ("linear", "matmul", "mm", "bmm") and user.args and user.args[0] is src:
+                ndim = src_val.dim() if src_val is not None else 0
+                if pos == ndim - 1:  # contracts the channels, but with no Linear/Conv1D/conv weight to fold into
+                    note = (
+                        f"{_where(user)} multiplies the normalized channels by a tensor that is not a Linear, "
+                        "Conv1D or convolution weight (e.g. x @ W.T), which a fold cannot edit"
+                    )
+                else:
+                    note = f"{_where(user)} contracts a dim other than the normalized channels"
                 result.blockers.append(note)
                 result.exact_sharers.append(note)
                 continue

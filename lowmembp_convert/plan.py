@@ -43,7 +43,7 @@ class NormSite:
 
     module: str
     kind: NormKind
-    eps: float
+    eps: float | None  # None: the input dtype's machine epsilon (nn.RMSNorm(eps=None))
     weight: str | None  # parameter names of the norm's own affine (None when absent)
     bias: str | None
     weight_offset: float = 0.0  # 1.0 for Gemma-style norms that scale by (1 + w)
@@ -60,6 +60,7 @@ class NormSite:
 class ActivationSite:
     module: str
     kind: ActivationKind
+    inplace: bool = False  # the module writes its result into its input; the replacement does too
     action: ActivationAction = "convert"
     reason: str = ""
 

@@ -25,6 +25,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     bytes_before: int | None = None  # bytes saved for backward in one step, before conversion
     bytes_after: int | None = None
+    trainable_before: int | None = None  # trainable parameter tensors before / after
+    trainable_after: int | None = None
+    previous: Report | None = None  # the report of an earlier convert() of the same model
 
     @property
     def converted_norms(self) -> int:
@@ -48,8 +51,19 @@ class Report:
         plan = self.plan
         actions = Counter(s.action for s in plan.norms)
         kinds = Counter(s.kind for s in plan.activations if s.action == "convert")
-        lines = [f"lowmembp_convert report for {self.model}"]
-        lines.append(f"  graph capture: {plan.capture or 'n/a'}")
+        lines = []
+        if self.previous is not None:
+            lines += [str(self.previous), ""]
+            lines.append(f"lowmembp_convert report for {self.model} (converted again)")
+        else:
+            lines.append(f"lowmembp_convert report for {self.model}")
+        if plan.capture.startswith("failed"):
+            lines.append(f"  WARNING: graph capture {plan.capture}")
+            lines.append(
+                "  -> no norm could be converted; pass example_inputs=((args...), {kwargs...}) that the model accepts"
+            )
+        else:
+            lines.append(f"  graph capture: {plan.capture or 'n/a'}")
         lines.append(
             f"  activations: {self.converted_activations} converted"
             + (f" ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))})" if kinds else "")
@@ -64,6 +78,12 @@ class Report:
             lines.append(
                 f"  saved for backward (one step, example batch): {self.bytes_before / 2**20:.2f} MiB -> "
                 f"{self.bytes_after / 2**20:.2f} MiB ({-saved:+.1%})"
+            )
+        if self.trainable_before is not None and self.trainable_after != self.trainable_before:
+            folded = self.trainable_before - (self.trainable_after or 0)
+            lines.append(
+                f"  trainable parameter tensors: {self.trainable_before} -> {self.trainable_after} "
+                f"({folded} norm affine tensor(s) folded into trainable consumers, which now carry them)"
             )
         if not self.changed:
             lines.append("  nothing to convert: no GELU/SiLU module and no foldable LayerNorm/RMSNorm found")

@@ -1,33 +1,60 @@
-"""``verify=True``: run the original and the converted model on one batch and name a divergence."""
+"""Verification: the converted model computes what the original did, checked on the model itself.
+
+No copy of the model is made (a 7B model on a GPU cannot be doubled). Before anything is changed,
+:func:`record` runs one forward of the original on a small batch and keeps (cloned) every module's
+output and every tensor the model returns, with the random state it started from. After the
+rewrite, :meth:`Recording.compare` replays the same forward from the same random state (so random
+masking, as in ViTMAE, draws the same numbers) and names the first module whose output diverges.
+Both runs leave buffers, RNGs and train/eval flags as they were (:func:`no_side_effects`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .errors import ConversionError
+from .transaction import RandomState, no_side_effects
+
+# Default tolerance (max |a - b| / max |a|) per dtype: a fold rounds each folded weight once and a
+# memory-sharing norm reduces in another order, so a converted model differs from the stock one by
+# a few roundings of the dtype; anything beyond is a real divergence.
+DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    return DEFAULT_RTOL.get(dtype, 1e-5)
 
 
 def first_tensor(out: Any) -> torch.Tensor | None:
     """The first tensor of a model output (tensor, tuple, dict or transformers ModelOutput)."""
+    found = all_tensors(out)
+    return found[0] if found else None
+
+
+def all_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a (nested) model output, in order."""
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
-        for item in out:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
+        return [t for item in out for t in all_tensors(item)]
+    return []
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+    if not a.numel():
+        return 0.0
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        same = torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
+        return 0.0 if same else float("inf")
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -35,17 +62,17 @@ def _storage(t: torch.Tensor) -> int:
 
 
 class _Recorder:
-    """Records each module's first output tensor, in call order.
+    """Records a clone of each module's first floating-point output (first call), in call order.
 
     With ``folded``/``consumers`` given it also marks outputs that are x_hat-derived by design: a
     folded norm's output, and the output of any non-consumer module fed such a tensor (Identity,
     Dropout, a pooling module between the norm and its Linear). Those are not compared.
     """
 
-    def __init__(self, folded: set[str] = frozenset(), consumers: set[str] = frozenset()):
+    def __init__(self, folded: Iterable[str] = (), consumers: Iterable[str] = ()):
         self.outputs: dict[str, torch.Tensor] = {}
         self.by_design: set[str] = set()
-        self.folded, self.consumers = folded, consumers
+        self.folded, self.consumers = set(folded), set(consumers)
         self._tainted: set[int] = set()
 
     def hook(self, name: str):
@@ -58,62 +85,109 @@ class _Recorder:
             if name in self.folded or passes_on or (fed and name not in self.consumers):
                 self._tainted.add(_storage(tensor))
                 self.by_design.add(name)
-            self.outputs[name] = tensor.detach()
+            # cloned: a later in-place op (EfficientNet's in-place activations) must not rewrite the record
+            self.outputs[name] = tensor.detach().clone()
 
         return record
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict, recorder: _Recorder) -> torch.Tensor | None:
+def _run(model: nn.Module, inputs: tuple[tuple, dict], recorder: _Recorder) -> list[torch.Tensor]:
+    args, kwargs = inputs
     handles = [m.register_forward_hook(recorder.hook(name)) for name, m in model.named_modules()]
-    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            return first_tensor(model(*args, **kwargs))
+            out = model(*args, **kwargs)
+        return [t.detach().clone() for t in all_tensors(out) if t.is_floating_point()]
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
 
 
-def verify_conversion(
-    original: nn.Module,
-    converted: nn.Module,
-    example_inputs: tuple[tuple, dict],
-    *,
-    rtol: float,
-    folded_norms: Iterable[str] = (),
-    consumers: Iterable[str] = (),
-) -> float:
-    """Compare every module's output; raise ConversionError naming the first that diverges.
+def _lowest_precision(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        if dtype in dtypes:
+            return dtype
+    return torch.float32
 
-    A folded norm's output is x_hat by design, and so is whatever a non-consumer module between
-    it and its consumers makes of it; those are not compared, everything else is. Returns the
-    relative error of the model's output.
-    """
-    args, kwargs = example_inputs
-    reference, candidate = _Recorder(), _Recorder(set(folded_norms), set(consumers))
-    ref = _run(original, args, kwargs, reference)
-    new = _run(converted, args, kwargs, candidate)
-    if ref is None or new is None:
-        raise ConversionError("verify: the model returned no floating-point tensor to compare")
-    error = relative_error(ref, new)
-    # Every module, not only the final output: a small fold error can hide behind a head.
-    for name, tensor in reference.outputs.items():
-        other = candidate.outputs.get(name)
-        if other is None or name in candidate.by_design:
-            continue
-        if other.shape == tensor.shape and relative_error(tensor, other) > rtol:
+
+@dataclass
+class Recording:
+    """The original model's outputs on one batch, and the random state they were made from."""
+
+    inputs: tuple[tuple, dict]
+    random_state: RandomState
+    outputs: list[torch.Tensor]
+    modules: dict[str, torch.Tensor]
+    model_dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    def tolerance(self, tensor: torch.Tensor, rtol: float | None) -> float:
+        if rtol is not None:
+            return rtol
+        return max(default_rtol(tensor.dtype), default_rtol(self.model_dtype))
+
+    def compare(
+        self,
+        model: nn.Module,
+        *,
+        rtol: float | None = None,
+        folded_norms: Iterable[str] = (),
+        consumers: Iterable[str] = (),
+    ) -> float:
+        """Replay the forward on the converted ``model``; raise ConversionError on a divergence.
+
+        A folded norm's output is x_hat by design, and so is whatever a non-consumer module between
+        it and its consumers makes of it; those are not compared, everything else is. Returns the
+        largest relative error among the model's outputs.
+        """
+        candidate = _Recorder(folded_norms, consumers)
+        with no_side_effects(model, replay=self.random_state):
+            outputs = _run(model, self.inputs, candidate)
+        shapes = [t.shape for t in outputs]
+        if shapes != [t.shape for t in self.outputs]:
             raise ConversionError(
-                f"verify: first diverging module: {name or '<root>'} "
-                f"({type(converted.get_submodule(name)).__name__}, relative error "
-                f"{relative_error(tensor, other):.2e} > rtol {rtol:.0e}; model output error {error:.2e}). "
-                "Exclude it with filter_fn or report a bug."
+                "verify: the converted model returns outputs of other shapes or number than the original"
             )
-    if error > rtol:
-        raise ConversionError(
-            f"verify: outputs differ (relative error {error:.2e} > rtol {rtol:.0e}) but no single module's output "
-            "does; report a bug with the model's config"
-        )
-    return error
+        errors = [relative_error(a, b) for a, b in zip(self.outputs, outputs, strict=True)]
+        worst = max(errors, default=0.0)
+        # Every module, not only the outputs: a small fold error can hide behind a head.
+        for name, tensor in self.modules.items():
+            other = candidate.outputs.get(name)
+            if other is None or name in candidate.by_design or other.shape != tensor.shape:
+                continue
+            error, tol = relative_error(tensor, other), self.tolerance(tensor, rtol)
+            if error > tol:
+                module = model.get_submodule(name)
+                raise ConversionError(
+                    f"verify: first diverging module: {name or '<root>'} ({type(module).__name__}): relative error "
+                    f"{error:.2e} > {tol:.0e}{self._cause(tensor, rtol)}; model output error {worst:.2e}."
+                )
+        for index, (error, tensor) in enumerate(zip(errors, self.outputs, strict=True)):
+            tol = self.tolerance(tensor, rtol)
+            if error > tol:
+                raise ConversionError(
+                    f"verify: model output {index} differs (relative error {error:.2e} > {tol:.0e}) although no single "
+                    f"module's output does{self._cause(tensor, rtol)}"
+                )
+        return worst
+
+    def _cause(self, tensor: torch.Tensor, rtol: float | None) -> str:
+        low = {tensor.dtype, self.model_dtype} & {torch.float16, torch.bfloat16}
+        if low and rtol is None:
+            return (
+                f" (a {sorted(str(d) for d in low)[0]} model: this may be rounding; pass verify_rtol=... to accept "
+                "a larger difference)"
+            )
+        return ""
+
+
+def record(model: nn.Module, inputs: tuple[tuple, dict]) -> Recording:
+    """Run the (unconverted) ``model`` once on ``inputs`` and keep what :meth:`Recording.compare` needs."""
+    recorder = _Recorder()
+    with no_side_effects(model) as state:
+        outputs = _run(model, inputs, recorder)
+    if not outputs:
+        raise ConversionError("verify: the model returned no floating-point tensor to compare")
+    return Recording(inputs, state, outputs, recorder.outputs, _lowest_precision(model))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lowmembp_convert.ops.norm_twin import ms_norm_with_twin
 from lowmembp_convert.ops.norms import ms_layer_norm, ms_rms_norm
@@ -39,6 +40,7 @@ class _MSNorm(nn.Module):
         weight_offset: float = 0.0,
         channel_dim: int = -1,
         autocast_output: bool = False,
+        min_abs_weight: float = 0.0,
     ) -> None:
         """Args:
         normalized_size: N, the size of the normalized dim.
@@ -53,11 +55,15 @@ class _MSNorm(nn.Module):
         channel_dim: the normalized dim of the input: -1, or 1 for NCHW (LayerNorm2d-style).
         autocast_output: under autocast, emit the autocast dtype (every consumer casts to it
             anyway, and emitting it spares the consumer a saved cast copy).
+        min_abs_weight: with a kept weight, backward divides by ``weight + weight_offset``; a
+            training step in which any |weight + weight_offset| is below this raises (on a GPU as a
+            device-side assert) instead of returning gradients divided by nearly zero.
         """
         super().__init__()
         self.normalized_size = int(normalized_size)
         self.normalized_shape = (self.normalized_size,)
-        self.eps = float(eps)
+        self.eps = None if eps is None else float(eps)  # None: the input dtype's machine epsilon
+        self.min_abs_weight = float(min_abs_weight)
         self.weight_offset = float(weight_offset)
         self.channel_dim = int(channel_dim)
         self.autocast_output = bool(autocast_output)
@@ -127,7 +133,41 @@ class _MSNorm(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
+    def _eps_for(self, x: torch.Tensor) -> float:
+        return torch.finfo(x.dtype).eps if self.eps is None else self.eps
+
+    def _guard_weight(self) -> None:
+        """Backward divides by the kept weight: refuse a step once training has taken it near 0."""
+        weight = self.weight if self.affine_weight else None
+        if weight is None or not self.min_abs_weight or not (weight.requires_grad and torch.is_grad_enabled()):
+            return
+        smallest = (weight.detach() + self.weight_offset).abs().min()
+        torch._assert_async(
+            smallest >= self.min_abs_weight,
+            "lowmembp_convert: a memory-sharing norm that keeps its affine has a weight entry below min_abs_weight; "
+            "its backward would divide by it. Convert with a filter_fn excluding this norm.",
+        )
+
+    def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in plain torch ops (for torch.func transforms, which the custom ops lack)."""
+        x_last = x.movedim(self.channel_dim, -1)
+        scale = None
+        if self.affine_weight:
+            scale = self.weight + self.weight_offset
+        bias = self.bias if self.affine_bias else None
+        shape = (self.normalized_size,)
+        if self._rms:
+            y = F.rms_norm(x_last, shape, scale, self._eps_for(x))
+            y = y + bias if bias is not None else y
+        else:
+            y = F.layer_norm(x_last, shape, scale, bias, self._eps_for(x))
+        return y.movedim(-1, self.channel_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            if torch._C._are_functorch_transforms_active():
+                return self._stock_forward(x)
+            self._guard_weight()
         moved = self.channel_dim not in (-1, x.dim() - 1)
         if moved:
             x = x.movedim(self.channel_dim, -1)
@@ -135,7 +175,7 @@ class _MSNorm(nn.Module):
             weight = self.weight if self.affine_weight else None
             bias = self.bias if self.affine_bias else None
             low = torch.get_autocast_dtype(x.device.type)
-            y, twin = ms_norm_with_twin(x, weight, bias, self.eps, self.weight_offset, self._rms, low)
+            y, twin = ms_norm_with_twin(x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low)
             setattr(y, _TWIN_ATTR, twin)
             return y
         out_dtype = None
@@ -146,7 +186,7 @@ class _MSNorm(nn.Module):
             x,
             self.weight if self.affine_weight else None,
             self.bias if self.affine_bias else None,
-            eps=self.eps,
+            eps=self._eps_for(x),
             weight_offset=self.weight_offset,
             out_dtype=out_dtype,
         )
@@ -156,8 +196,9 @@ class _MSNorm(nn.Module):
     def extra_repr(self) -> str:
         kept = [n for n, used in (("weight", self.affine_weight), ("bias", self.affine_bias)) if used]
         mode = f"affine({'+'.join(kept)})" if kept else "folded"
+        eps = "dtype eps" if self.eps is None else f"{self.eps:g}"
         return (
-            f"{self.normalized_size}, eps={self.eps:g}, mode={mode}, weight_offset={self.weight_offset:g}, "
+            f"{self.normalized_size}, eps={eps}, mode={mode}, weight_offset={self.weight_offset:g}, "
             f"channel_dim={self.channel_dim}, autocast_output={self.autocast_output}"
         )
 

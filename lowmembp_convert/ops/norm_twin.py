@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .norms import grads_from_output, ms_norm_fwd
+from .norms import grads_from_output, ms_norm_fwd, refuse_double_backward
 
 
 class _MSNormTwin(torch.autograd.Function):
@@ -29,6 +29,7 @@ class _MSNormTwin(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dtwin: Tensor | None):
+        refuse_double_backward(next(g for g in (dy, dtwin) if g is not None))
         twin, rstd, weight, bias = ctx.saved_tensors
         grads = [g.float() for g in (dy, dtwin) if g is not None]
         g = grads[0] if len(grads) == 1 else grads[0] + grads[1]

@@ -508,7 +508,19 @@ def grads_from_output(ctx, dy: Tensor, y: Tensor, rstd: Tensor, weight: Tensor |
     return dx, dweight, dbias
 
 
+def refuse_double_backward(dy: Tensor) -> None:
+    """Second derivatives through a memory-sharing norm are not implemented: say so, never return
+    silently wrong ones. Grad mode is on inside a backward only under ``create_graph=True``."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "lowmembp_convert: double backward (create_graph=True: a gradient penalty, R1, Hessian-vector "
+            "products) through a memory-sharing LayerNorm/RMSNorm is not supported. Convert with norms=False, "
+            "or exclude the norms on this path with filter_fn."
+        )
+
+
 def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
+    refuse_double_backward(dy)
     y, rstd, weight, bias = ctx.saved_tensors
     return (*grads_from_output(ctx, dy, y, rstd, weight, bias), None, None, None, None)
 

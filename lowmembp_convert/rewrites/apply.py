@@ -45,6 +45,7 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
     gamma = None if weight is None else weight.detach() + site.weight_offset
     beta = bias.detach() if bias is not None else None  # a fold moves the whole affine
     shared = _shared_param_ids(model) if untie else set()
+    folded: set[object] = set()  # each weight storage is folded once, however often the forward reaches it
     for consumer in site.consumers:
         module = model.get_submodule(consumer.module)
         local_w = consumer.weight.rpartition(".")[2]
@@ -52,6 +53,10 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
             notes.append(_untie(model, consumer.module, local_w))
         w = getattr(module, local_w)
         b = model.get_parameter(consumer.bias) if consumer.bias else None
+        key = (w.untyped_storage().data_ptr(), w.storage_offset(), w.device)
+        if key in folded:
+            continue
+        folded.add(key)
         new_w, new_b = fold_affine_into(w, b, gamma, beta, consumer.layout, consumer.groups)
         with torch.no_grad():
             w.copy_(new_w)
@@ -66,7 +71,7 @@ def _shared_param_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in seen.items() if n > 1}
 
 
-def _ms_norm_for(norm: nn.Module, site: NormSite) -> nn.Module:
+def _ms_norm_for(norm: nn.Module, site: NormSite, min_abs_weight: float) -> nn.Module:
     cls = MSLayerNorm if site.kind == "layer_norm" else MSRMSNorm
     weight = getattr(norm, "weight", None) if site.weight else None
     bias = getattr(norm, "bias", None) if site.bias else None
@@ -84,18 +89,35 @@ def _ms_norm_for(norm: nn.Module, site: NormSite) -> nn.Module:
         weight_offset=site.weight_offset,
         channel_dim=site.channel_dim,
         autocast_output=site.autocast_output,
+        min_abs_weight=min_abs_weight if keep else 0.0,
     )
     ms.train(norm.training)
+    _keep_attributes(norm, ms)
     return ms
 
 
-def _activation_for(site: ActivationSite) -> nn.Module:
+def _keep_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Public plain attributes of the stock module that host code may read (``variance_epsilon``,
+    ``hidden_size``, ``elementwise_affine``...) stay readable on the replacement."""
+    for name, value in vars(old).items():
+        if name.startswith("_") or name == "training" or hasattr(new, name):
+            continue
+        setattr(new, name, value)
+
+
+def _activation_for(site: ActivationSite, old: nn.Module) -> nn.Module:
     if site.kind == "silu":
-        return ReSiLU2()
-    return ReGELU2(approximate="tanh" if site.kind == "gelu_tanh" else "none")
+        new = ReSiLU2(inplace=site.inplace)
+    else:
+        new = ReGELU2(approximate="tanh" if site.kind == "gelu_tanh" else "none", inplace=site.inplace)
+    new.train(old.training)
+    _keep_attributes(old, new)
+    return new
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) -> list[str]:
+def apply_plan(
+    model: nn.Module, plan: Plan, *, untie_embeddings: bool = False, min_abs_weight: float = 1e-3
+) -> list[str]:
     """Carry out ``plan`` on ``model`` in place; returns notes for the report."""
     notes: list[str] = []
     lora = sorted({c.module for s in plan.norms if s.action == "fold" for c in s.consumers if ".lora_A." in c.module})
@@ -110,7 +132,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) 
         norm = model.get_submodule(site.module)
         if site.action == "fold" and not site.already_folded:
             _fold_site(model, site, untie_embeddings, notes)
-        ms = _ms_norm_for(norm, site)
+        ms = _ms_norm_for(norm, site, min_abs_weight)
         if site.action == "keep_affine" and not site.autocast_output:
             # post-norm: the residual needs full precision, the Linears read the autocast twin
             for consumer in site.consumers:
@@ -121,7 +143,5 @@ def apply_plan(model: nn.Module, plan: Plan, *, untie_embeddings: bool = False) 
         if site.action != "convert":
             continue
         old = model.get_submodule(site.module)
-        new = _activation_for(site)
-        new.train(old.training)
-        replace_module(model, old, new)
+        replace_module(model, old, _activation_for(site, old))
     return notes

@@ -139,43 +139,55 @@ def test_tied_embedding_is_never_touched_by_default(name: str) -> None:
     convert(model)
     site = model.lowmembp_report.plan.norm(norm)
     assert site.action == "keep_affine" and "returned from the model's forward" in site.reason
-    # without hidden states in the outputs, the tie is what stops the fold, and the report says so
+    # user inputs asking for logits only: hidden states are still protected (a user may ask for them later)
     convert(original_copy := copy.deepcopy(original), example_inputs=_logits_only_inputs())
     site = original_copy.lowmembp_report.plan.norm(norm)
-    assert site.action == "keep_affine"
-    assert "shared with other layers (tied or reused weights)" in site.reason
-    assert embedding in site.reason and head in site.reason
+    assert site.action == "keep_affine" and "returned from the model's forward" in site.reason
     for converted in (model, original_copy):
         assert converted.get_parameter(head) is converted.get_parameter(embedding)
         assert torch.equal(converted.get_parameter(embedding), original.get_parameter(embedding))
         assert converted.config.tie_word_embeddings
 
 
+def _roberta_mlm() -> nn.Module:
+    import transformers
+
+    config = transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = randomize_affine(transformers.RobertaForMaskedLM(config)).eval()
+    assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
+    return model
+
+
 def test_untie_embeddings_folds_into_a_copy_of_the_head() -> None:
-    model, norm, embedding, head = _tied("llama")
+    """A masked-LM head's norm feeds only the tied decoder: untying lets it fold, the embedding untouched."""
+    model = _roberta_mlm()
     original = copy.deepcopy(model)
-    convert(model, example_inputs=_logits_only_inputs(), untie_embeddings=True)
+    embedding, head = "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"
+    convert(model, untie_embeddings=True)
     report = model.lowmembp_report
-    site = report.plan.norm(norm)
-    assert site.action == "fold" and [c.module for c in site.consumers] == ["lm_head"]
+    site = report.plan.norm("lm_head.layer_norm")
+    assert site.action == "fold" and [c.module for c in site.consumers] == ["lm_head.decoder"]
     assert model.get_parameter(head) is not model.get_parameter(embedding)
     assert torch.equal(model.get_parameter(embedding), original.get_parameter(embedding)), "embedding untouched"
     assert model.config.tie_word_embeddings is False
-    assert any(note.startswith("untied lm_head.weight") for note in report.notes)
+    assert any(note.startswith("untied lm_head.decoder.weight") for note in report.notes)
     ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert relative_error(original(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
 
 
-def test_untie_embeddings_leaves_the_tie_when_the_fold_is_refused_anyway() -> None:
-    """GPT-2's ln_f has a shift and lm_head no bias to take it: the affine stays, so no untie either."""
-    model, norm, embedding, head = _tied("gpt2")
+def test_tied_masked_lm_head_is_not_untied_by_default() -> None:
+    model = _roberta_mlm()
     original = copy.deepcopy(model)
-    convert(model, example_inputs=_logits_only_inputs(), untie_embeddings=True)
-    site = model.lowmembp_report.plan.norm(norm)
-    assert site.action == "keep_affine" and "lm_head has no bias parameter to take the norm's shift" in site.reason
-    assert model.get_parameter(head) is model.get_parameter(embedding) and model.config.tie_word_embeddings
-    assert torch.equal(model.get_parameter(embedding), original.get_parameter(embedding))
+    convert(model)
+    site = model.lowmembp_report.plan.norm("lm_head.layer_norm")
+    assert site.action == "keep_affine" and "(tied or reused weights)" in site.reason
+    assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
+    assert torch.equal(model.lm_head.decoder.weight, original.lm_head.decoder.weight)
 
 
 def test_untie_embeddings_does_not_override_a_returned_hidden_state() -> None:

@@ -288,6 +288,8 @@ FAMILIES: dict[str, Family] = {
             ),
             inputs=_image_inputs(16, hf=True),
             embedding="vit.embeddings.patch_embeddings.projection.weight",
+            # the inner ViTModel returns the final norm's output (last_hidden_state): a user can ask for it
+            keep={"vit.layernorm": _RETURNED},
         ),
         # timm: forward_features (the final norm's output) is a model output
         Family(

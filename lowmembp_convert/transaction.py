@@ -1,0 +1,129 @@
+"""``convert()`` is all or nothing: what it may change is recorded first and put back on any failure.
+
+Two tools:
+
+- :class:`ModelSnapshot`: the module tree (every module's attributes, children, parameters, buffers
+  and hooks, as references), the transformers configs, and copies of the parameter values a fold will
+  edit (kept on the CPU, so a GPU model is never doubled on its device). ``restore()`` makes the model
+  exactly as it was: same module objects, same parameter objects and values, same hooks.
+- :func:`no_side_effects`: a forward run for measuring or verifying leaves no trace: buffers
+  (BatchNorm statistics, counters), the random number generators and train/eval flags are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def _unique_modules(model: nn.Module) -> list[nn.Module]:
+    return list({id(m): m for m in model.modules()}.values())
+
+
+class ModelSnapshot:
+    """The state of ``model`` that a conversion can touch, restorable exactly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[dict, dict]]]] = []
+        for module in _unique_modules(model):
+            attributes = dict(vars(module))
+            # the containers themselves (_modules, _parameters, _buffers, hook dicts) are mutated in
+            # place, so their contents are recorded too
+            containers = [(v, dict(v)) for v in attributes.values() if isinstance(v, dict)]
+            self._modules.append((module, attributes, containers))
+        self._configs: list[tuple[Any, dict[str, Any]]] = []
+        for module in _unique_modules(model):
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "__dict__") and all(c is not config for c, _ in self._configs):
+                self._configs.append((config, dict(vars(config))))
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._value_keys: set[int] = set()
+
+    def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Copy the current values of ``tensors`` (to the CPU) before they are edited in place."""
+        for t in tensors:
+            if id(t) in self._value_keys or t.device.type == "meta":
+                continue
+            self._value_keys.add(id(t))
+            self._values.append((t, t.detach().to("cpu", copy=True)))
+
+    def restore(self) -> None:
+        """Put every recorded attribute, container and value back."""
+        for module, attributes, containers in self._modules:
+            for container, items in containers:
+                container.clear()
+                container.update(items)
+            vars(module).clear()
+            vars(module).update(attributes)
+        for config, attributes in self._configs:
+            vars(config).clear()
+            vars(config).update(attributes)
+        with torch.no_grad():
+            for tensor, value in self._values:
+                tensor.copy_(value.to(tensor.device))
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The state of every generator a forward may draw from (torch CPU and CUDA, Python, NumPy)."""
+
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor] | None
+    python: object
+    numpy: object | None
+
+    @staticmethod
+    def capture() -> RandomState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        try:
+            import numpy
+
+            np_state = numpy.random.get_state()
+        except ImportError:
+            np_state = None
+        return RandomState(torch.get_rng_state(), cuda, random.getstate(), np_state)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            import numpy
+
+            numpy.random.set_state(self.numpy)
+
+
+@contextlib.contextmanager
+def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iterator[RandomState]:
+    """Run forwards of ``model`` inside without leaving a trace on it or on the RNGs.
+
+    Args:
+        replay: start from this random state (so a second run draws the same numbers as the first).
+    Yields the random state the block starts from.
+    """
+    before = RandomState.capture()
+    modes = {m: m.training for m in _unique_modules(model)}
+    holders = [(m, dict(m._buffers)) for m in _unique_modules(model)]
+    values = [(b, b.detach().clone()) for _m, bufs in holders for b in bufs.values() if b is not None]
+    if replay is not None:
+        replay.restore()
+    try:
+        yield replay or before
+    finally:
+        for module, buffers in holders:
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        with torch.no_grad():
+            for buffer, value in values:
+                if buffer.device.type != "meta":
+                    buffer.copy_(value)
+        for module, training in modes.items():
+            module.training = training
+        before.restore()

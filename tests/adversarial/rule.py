@@ -1,0 +1,139 @@
+"""The rule every conversion must keep, as assertions with an independent oracle.
+
+After ``convert()`` returns, every output equals the original's (a deep copy made before converting,
+run by the test, not by the package), input gradients too where the conversion is exact, the
+trainable parameters are the same (less norm affines folded into trainable consumers), and
+buffers are as before. If ``convert()`` raises, the model is bitwise what it was: same module
+objects under the same names, same parameter objects and values, buffers, hooks and attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lowmembp_convert import convert
+
+
+def tensors_of(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in tensors_of(item)]
+    return []
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() if a.numel() else 0.0
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed convert() must leave as it was, by identity and by value."""
+    modules = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+    params = [
+        (name, id(p), p.requires_grad, p.detach().clone()) for name, p in model.named_parameters(remove_duplicate=False)
+    ]
+    buffers = [(name, id(b), b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)]
+    hooks = [
+        (name, key, tuple(getattr(m, key).keys()))
+        for name, m in model.named_modules(remove_duplicate=False)
+        for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks")
+    ]
+    attributes = [(name, tuple(sorted(vars(m)))) for name, m in model.named_modules(remove_duplicate=False)]
+    return {"modules": modules, "params": params, "buffers": buffers, "hooks": hooks, "attributes": attributes}
+
+
+def assert_same_fingerprint(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for key in ("modules", "hooks", "attributes"):
+        assert before[key] == after[key], f"{key} changed"
+    assert [p[:3] for p in before["params"]] == [p[:3] for p in after["params"]], "parameters changed"
+    for (name, *_, a), (_n, *_, b) in zip(before["params"], after["params"], strict=True):
+        assert torch.equal(a, b), f"parameter {name} changed value"
+    assert [b[:2] for b in before["buffers"]] == [b[:2] for b in after["buffers"]], "buffers changed"
+    for (name, _i, a), (_n, _j, b) in zip(before["buffers"], after["buffers"], strict=True):
+        assert torch.equal(a, b), f"buffer {name} changed value"
+
+
+def outputs(model: nn.Module, inputs: tuple[tuple, dict], *, train: bool = False, seed: int = 0) -> list[torch.Tensor]:
+    args, kwargs = inputs
+    modes = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return [t.detach().clone() for t in tensors_of(model(*args, **kwargs)) if t.is_floating_point()]
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    outs = [t for t in tensors_of(model(x)) if t.is_floating_point()]
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outs)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def assert_function_kept(original: nn.Module, converted: nn.Module, inputs, rtol: float = 1e-5) -> None:
+    for train in (False, True):
+        expected, got = outputs(original, inputs, train=train), outputs(converted, inputs, train=train)
+        assert len(expected) == len(got), "number of outputs changed"
+        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+            assert a.shape == b.shape, f"output {i} changed shape"
+            assert rel(a, b) < rtol, f"output {i} ({'train' if train else 'eval'}) differs: {rel(a, b):.2e}"
+
+
+def assert_trainable_kept(before: dict[str, bool], converted: nn.Module) -> None:
+    """Trainable parameters after = before, less the norm affines folded into trainable consumers."""
+    report = converted.lowmembp_report
+    folded = {}
+    for site in report.plan.norms:
+        if site.action == "fold":
+            for local in (site.weight, site.bias):
+                if local:
+                    folded[local] = site
+    after = {name: p.requires_grad for name, p in converted.named_parameters()}
+    for name, trainable in before.items():
+        if name in after:
+            assert after[name] == trainable, f"{name}: requires_grad changed"
+            continue
+        assert name in folded, f"{name} disappeared without a fold"
+        site = folded[name]
+        if trainable:
+            for consumer in site.consumers:
+                target = consumer.weight if name.endswith("weight") else consumer.bias
+                assert converted.get_parameter(target).requires_grad, f"trainable {name} folded into frozen {target}"
+    assert set(after) <= set(before), "new parameters appeared"
+
+
+def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None, **options) -> nn.Module | Exception:
+    """Convert ``model`` and assert the rule; returns the model, or the exception convert() raised
+    (after asserting the model was left exactly as it was)."""
+    original = copy.deepcopy(model)
+    before = fingerprint(model)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    options.setdefault("example_inputs", inputs)
+    try:
+        convert(model, **options)
+    except Exception as exc:  # the rule's other branch: an error, and the model untouched
+        assert_same_fingerprint(before, fingerprint(model))
+        return exc
+    assert_function_kept(original, model, inputs)
+    assert_trainable_kept(trainable, model)
+    exact = options.get("activations", True) is False if grad_exact is None else grad_exact
+    args, kwargs = inputs
+    if exact and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        for m in (original, model):
+            m.train()
+        a, b = input_grad(original, args[0]), input_grad(model, args[0])
+        assert rel(a, b) < 1e-5, f"input gradient differs: {rel(a, b):.2e}"
+    return model

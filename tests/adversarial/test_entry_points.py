@@ -1,0 +1,122 @@
+"""Causes 7, 12 and 13: protection of every returnable output whatever the entry point, bad options
+refused at the door, and a second convert() keeping the first report."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+from rule import assert_same_fingerprint, convert_checked, fingerprint, rel
+from tiny_zoo import randomize_affine
+
+from lowmembp_convert import ConvertConfig, convert
+
+VOCAB = 64
+
+
+def _llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return randomize_affine(transformers.LlamaForCausalLM(config)).eval()
+
+
+class Wrapper(nn.Module):
+    """A user's module around an HF model: its forward decides which keywords reach the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = _llama()
+        self.score = nn.Linear(32, 1)
+
+    def forward(self, input_ids):
+        out = self.lm(input_ids=input_ids)
+        return self.score(out.logits[..., :32]).squeeze(-1)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_wrapped_hf_models_hidden_states_stay_exact() -> None:
+    model = Wrapper()
+    original = copy.deepcopy(model)
+    convert_checked(model, ((_ids(),), {}))
+    assert model.lowmembp_report.plan.norm("lm.model.norm").action == "keep_affine"
+    with torch.no_grad():
+        a = original.lm(input_ids=_ids(), output_hidden_states=True).hidden_states
+        b = model.lm(input_ids=_ids(), output_hidden_states=True).hidden_states
+    assert all(rel(x, y) < 1e-5 for x, y in zip(a, b, strict=True))
+
+
+def test_user_example_inputs_without_hidden_states_still_protect_them() -> None:
+    model = _llama()
+    original = copy.deepcopy(model)
+    convert(model, example_inputs=((), {"input_ids": _ids()}))  # no output_hidden_states, no use_cache
+    assert model.lowmembp_report.plan.norm("model.norm").action == "keep_affine"
+    assert "failed" not in model.lowmembp_report.plan.capture, "a decoder traced with its cache on must still trace"
+    with torch.no_grad():
+        a = original(input_ids=_ids(), output_hidden_states=True).hidden_states[-1]
+        b = model(input_ids=_ids(), output_hidden_states=True).hidden_states[-1]
+    assert rel(a, b) < 1e-5
+    assert model.config.use_cache == original.config.use_cache and not model.config.output_hidden_states
+
+
+def test_a_failed_trace_is_said_in_the_report() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.sum().item() > 0:  # data-dependent control flow
+                return self.fc(self.norm(x))
+            return self.fc(self.norm(-x))
+
+    model = convert(Untraceable(), example_inputs=((torch.randn(2, 8),), {}))
+    text = str(model.lowmembp_report)
+    assert "WARNING: graph capture failed" in text and "example_inputs" in text
+
+
+BAD_OPTIONS = [
+    ({"activations": "no"}, ValueError, "activations"),
+    ({"example_inputs": torch.randn(2, 8)}, TypeError, "example_inputs"),
+    ({"example_inputs": (torch.randn(2, 8),)}, TypeError, "example_inputs"),
+    ({"min_abs_weight": "1e-3"}, TypeError, "min_abs_weight"),
+    ({"verify_rtol": -1.0}, ValueError, "verify_rtol"),
+    ({"verify": "yes"}, TypeError, "verify"),
+    ({"filter_fn": "norm"}, TypeError, "filter_fn"),
+]
+
+
+@pytest.mark.parametrize("options,error,name", BAD_OPTIONS, ids=[str(o) for o, _e, _n in BAD_OPTIONS])
+def test_bad_options_are_refused_naming_the_option(options, error, name) -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+    before = fingerprint(model)
+    with pytest.raises(error, match=name):
+        convert(model, **options)
+    assert_same_fingerprint(before, fingerprint(model))
+
+
+def test_a_dict_config_and_a_torchscript_module_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    with pytest.raises(TypeError, match="ConvertConfig"):
+        convert(model, config={"activations": False})
+    with pytest.raises(TypeError, match="TorchScript"):
+        convert(torch.jit.script(model))
+    assert ConvertConfig(activations="approx").activations == "approx"
+
+
+def test_converting_twice_keeps_the_first_report() -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    inputs = ((torch.randn(2, 8),), {})
+    convert(model, example_inputs=inputs)
+    first = model.lowmembp_report
+    convert(model, example_inputs=inputs)
+    assert model.lowmembp_report.previous is first
+    assert "folded" in str(model.lowmembp_report) and str(first) in str(model.lowmembp_report)

@@ -1,0 +1,25 @@
+"""The seeded fuzzer: random small models, each converted and held to the rule (see rule.py).
+
+Every seed is a test id (``test_random_model_keeps_the_rule[seed]``), so a failure names the seed
+that reproduces it: ``FuzzModel(seed)``. Bugs it found are kept as named tests in this folder.
+Half the seeds convert norms only (exact: input gradients are compared too), half also swap the
+activations (forward compared; their backward is approximate by design). Three seeds in four run with
+``verify=False``: the analysis alone must be right (verification would turn its mistakes into
+refusals, which is the safety net, not the proof); the fourth checks the net.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fuzz_models import FuzzModel, example_inputs
+from rule import convert_checked
+
+SEEDS = range(300)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_model_keeps_the_rule(seed: int) -> None:
+    model = FuzzModel(seed)
+    result = convert_checked(model, example_inputs(seed), activations=bool(seed % 2), verify=seed % 4 == 0)
+    # with verify off nothing may be refused; with it on, a refusal would mean the analysis was wrong
+    assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"

@@ -1,0 +1,154 @@
+"""Causes 4, 5, 10 and 11: what training sees. In-place activations keep their mutation, trainable
+norms next to frozen Linears keep training, keep_affine refuses an ill-conditioned recovery, and
+double backward / torch.func either work exactly or fail with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rule import convert_checked, input_grad, rel
+
+from lowmembp_convert import convert
+
+D = 8
+
+
+def _x() -> tuple[tuple, dict]:
+    return (torch.randn(2, 3, D, generator=torch.Generator().manual_seed(0)),), {}
+
+
+class InplaceUsedThroughMutation(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.act, self.out = nn.Linear(D, D), act, nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        self.act(h)  # result ignored: the mutation of h is the effect
+        return self.out(h)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(inplace=True), nn.ReLU(inplace=True), nn.Hardswish(inplace=True)])
+def test_an_inplace_activation_keeps_its_mutation(act: nn.Module) -> None:
+    model = convert_checked(InplaceUsedThroughMutation(act), _x())
+    for site in model.lowmembp_report.plan.activations:
+        assert site.inplace and model.act.inplace
+
+
+class PostNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.norm(x + self.fc(x))
+        return h + self.head(h)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.rand(D, generator=gen) + 0.5)
+        model.norm.bias.copy_(torch.randn(D, generator=gen) * 0.3)
+    return model
+
+
+def test_ln_tuning_keeps_the_norm_trainable() -> None:
+    """Norm affine trained, Linear frozen: folding would freeze gamma inside W; it keeps its affine."""
+    model = _randomize(PreNormBlock())
+    model.fc.requires_grad_(False)
+    convert_checked(model, _x(), activations=False)
+    site = model.lowmembp_report.plan.norm("norm")
+    assert site.action == "keep_affine" and "frozen" in site.reason
+    assert model.norm.weight.requires_grad and isinstance(model.norm.weight, nn.Parameter)
+
+
+def test_norm_bias_tuning_keeps_the_norm_bias_trainable() -> None:
+    """Only the norm's bias trains (the Linear's bias is frozen): beta cannot move into a frozen bias."""
+    model = _randomize(PreNormBlock())
+    model.fc.requires_grad_(False)
+    model.norm.weight.requires_grad_(False)
+    convert_checked(model, _x(), activations=False)
+    assert model.lowmembp_report.plan.norm("norm").action == "keep_affine"
+    assert model.norm.bias.requires_grad
+
+
+def test_full_fine_tuning_still_folds() -> None:
+    model = convert_checked(_randomize(PreNormBlock()), _x(), activations=False)
+    assert model.lowmembp_report.plan.norm("norm").action == "fold"
+
+
+def test_ill_conditioned_recovery_is_refused_and_gradients_stay_exact() -> None:
+    """gamma 0.01 with beta 2: x_hat = (y - beta) / gamma from a bf16 y loses most of its bits."""
+    model = PostNormBlock()
+    with torch.no_grad():
+        model.norm.weight.fill_(0.01)
+        model.norm.bias.fill_(2.0)
+    convert_checked(model, _x(), activations=False)
+    site = model.lowmembp_report.plan.norm("norm")
+    assert site.action == "skip" and "rounding error" in site.reason
+    assert type(model.norm) is nn.LayerNorm
+
+
+def test_a_kept_weight_trained_towards_zero_raises_instead_of_dividing_by_it() -> None:
+    model = _randomize(PostNormBlock())
+    convert(model, example_inputs=_x(), min_abs_weight=1e-3)
+    assert model.lowmembp_report.plan.norm("norm").action == "keep_affine"
+    with torch.no_grad():
+        model.norm.weight[0] = 1e-5
+    with pytest.raises(RuntimeError, match="min_abs_weight"):
+        model(_x()[0][0]).sum().backward()
+
+
+def test_double_backward_through_a_memory_sharing_norm_raises_clearly() -> None:
+    model = _randomize(PreNormBlock())
+    convert(model, example_inputs=_x())
+    x = _x()[0][0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="norms=False"):  # a gradient penalty: create_graph=True
+        torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+
+
+def test_first_order_gradients_are_unaffected_by_the_double_backward_guard() -> None:
+    original = _randomize(PreNormBlock())
+    model = convert_checked(original, _x(), activations=False)
+    assert input_grad(model, _x()[0][0]).abs().sum() > 0
+
+
+def test_per_sample_gradients_with_torch_func_match_stock() -> None:
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(D), nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(self.norm(x))))
+
+    original = _randomize(Mlp())
+    import copy
+
+    model = convert(copy.deepcopy(original), example_inputs=_x())
+    from torch.func import functional_call, grad, vmap
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, x):
+            return functional_call(m, p, (x[None],)).pow(2).sum()
+
+        return vmap(grad(loss), in_dims=(None, 0))(params, _x()[0][0])
+
+    stock, converted = per_sample(original), per_sample(model)
+    # fc2 is not a fold target: its per-sample gradients are the stock ones exactly (torch.func runs the stock ops)
+    assert rel(stock["fc2.weight"], converted["fc2.weight"]) < 1e-5
+    assert F.gelu is not None
