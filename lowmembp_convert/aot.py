@@ -57,7 +57,7 @@ class KernelConfig:
     """One compilation of one kernel: everything that makes a distinct cubin.
 
     Attributes:
-        module: kernel module under ``lowmembp_convert.kernels`` ("norms" or "activations").
+        module: kernel module under ``lowmembp_convert.kernels`` ("norms", "activations" or "recompute").
         kernel: name of the ``@triton.jit`` function.
         dtype: storage dtype of the tensor arguments ("fp32", "fp16", "bf16"); fp32 buffers stay fp32.
         signature: (name, triton type, divisible by 16) of each non-constexpr argument, as the JIT
@@ -264,6 +264,29 @@ def _activation_configs(n: int, dtype: str) -> list[KernelConfig]:
     return configs
 
 
+def _recompute_configs(n: int, dtype: str) -> list[KernelConfig]:
+    from lowmembp_convert.ops import recompute_launch
+
+    s = recompute_launch.launch_settings(n)
+    launch = (("BLOCK_SIZE", s.block_size),)
+    rebuild_sig = (_ptr("A", dtype), _ptr("U", dtype), _ptr("P", dtype), _int_arg("n_elements", n))
+    grads_sig = (
+        _ptr("DP", dtype),
+        _ptr("A", dtype),
+        _ptr("U", dtype),
+        _ptr("DA", dtype),
+        _ptr("DU", dtype),
+        _int_arg("n_elements", n),
+    )
+    configs = []
+    for kind in recompute_launch.KINDS:
+        for gated in (False, True):
+            flags = (("ACTIVATION", recompute_launch._activation_id(kind)), ("GATED", gated))
+            configs.append(KernelConfig("recompute", "_rebuild_kernel", dtype, rebuild_sig, flags, launch, s.num_warps))
+            configs.append(KernelConfig("recompute", "_act_grads_kernel", dtype, grads_sig, flags, launch, s.num_warps))
+    return configs
+
+
 def all_configs(ns: Iterable[int] = NS, dtypes: Iterable[str] = DTYPES) -> dict[KernelConfig, tuple[int, ...]]:
     """Every distinct configuration the launchers choose for these N and dtypes -> the N choosing it.
 
@@ -273,7 +296,7 @@ def all_configs(ns: Iterable[int] = NS, dtypes: Iterable[str] = DTYPES) -> dict[
     """
     found: dict[KernelConfig, list[int]] = {}
     for n, dtype in itertools.product(ns, dtypes):
-        for config in _norm_configs(n, dtype) + _activation_configs(n, dtype):
+        for config in _norm_configs(n, dtype) + _activation_configs(n, dtype) + _recompute_configs(n, dtype):
             found.setdefault(config, []).append(n)
     return {config: tuple(sorted(set(n))) for config, n in found.items()}
 
@@ -309,6 +332,10 @@ def issued_bytes_per_element(config: KernelConfig) -> float:
         return (2 if flags["COMPUTE_DW"] else 1) * e  # dy, and y for dweight
     if config.kernel in ("_step_activation_fwd_kernel", "_step_activation_bwd_kernel"):
         return 2 * e + 0.25  # x and y (dy and dx), and 2-bit codes
+    if config.kernel == "_rebuild_kernel":
+        return (3 if flags["GATED"] else 2) * e  # a [and u] in, p out
+    if config.kernel == "_act_grads_kernel":
+        return (5 if flags["GATED"] else 3) * e  # dp, a [and u] in; da [and du] out
     raise ValueError(f"unknown kernel {config.kernel}")
 
 
@@ -461,7 +488,7 @@ def _load_kernel_modules(kernel_dir: str) -> dict:
     import importlib.util
 
     modules = {}
-    for name in ("norms", "activations"):
+    for name in ("norms", "activations", "recompute"):  # recompute imports activations: load it first
         full = f"lowmembp_convert.kernels.{name}"
         spec = importlib.util.spec_from_file_location(full, os.path.join(kernel_dir, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)

@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 FilterFn = Callable[[nn.Module, str], bool]
+ACTIVATION_MODES = ("auto", "approx", "recompute", True, False)
 
 
 @dataclass(frozen=True)
@@ -18,8 +19,11 @@ class ConvertConfig:
     """Options of a conversion.
 
     Attributes:
-        activations: ``True`` or ``"approx"``: replace GELU/SiLU modules by ReGELU2/ReSiLU2
-            (exact forward, approximate 2-bit backward); ``False``: leave them.
+        activations: what GELU/SiLU sites keep for backward. ``"auto"`` (``True``, the default):
+            per site the option that keeps the fewest bytes, exact on ties (stock, exact recompute
+            in the consumer's backward, or the 2-bit approximation); ``"recompute"``: exact recompute
+            where the graph proves it, stock elsewhere; ``"approx"``: the paper's ReGELU2/ReSiLU2
+            (exact forward, approximate 2-bit backward) everywhere; ``False``: leave them.
         norms: fold norm affines into consumers and swap in memory-sharing norms (exact).
         filter_fn: ``filter_fn(module, fqn) -> bool``; a site is converted only when it returns True
             for the site's module (norm or activation). None converts everything eligible.
@@ -87,8 +91,11 @@ def _example_inputs(value: Any) -> None:
 
 def validate(config: ConvertConfig) -> None:
     """Raise TypeError/ValueError naming the option and its accepted forms."""
-    if config.activations not in (True, False, "approx") or not isinstance(config.activations, (bool, str)):
-        raise ValueError(f"ConvertConfig.activations must be True, False or 'approx', got {config.activations!r}")
+    if config.activations not in ACTIVATION_MODES or not isinstance(config.activations, (bool, str)):
+        raise ValueError(
+            f"ConvertConfig.activations must be one of {ACTIVATION_MODES} (True means 'auto'), "
+            f"got {config.activations!r}"
+        )
     for name in ("norms", "verify", "untie_embeddings", "measure_memory"):
         _bool(name, getattr(config, name))
     if config.filter_fn is not None and not callable(config.filter_fn):

@@ -103,6 +103,7 @@ class ActivationSpec:
 
     kind: ActivationKind
     inplace: bool  # it writes its result into its input (nn.GELU/SiLU(inplace=True) and the like)
+    bitwise: bool = False  # its output is torch's op bit for bit (float32 and bfloat16): recompute may rebuild it
 
 
 class Detector:
@@ -168,6 +169,16 @@ def classify_norm(module: nn.Module) -> NormSpec | None:
     return Detector().norm(module)
 
 
+def _bitwise_in_bf16(probe: nn.Module, fn, x: torch.Tensor) -> bool:
+    low = x.to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            y = probe(low.clone())
+    except Exception:
+        return False
+    return isinstance(y, torch.Tensor) and y.dtype == low.dtype and torch.equal(y, fn(low))
+
+
 def _match_activation(module: nn.Module) -> ActivationSpec | None:
     """Run a copy of the module (so no state of the user's is touched) on a probe, in both modes."""
     with torch.device("cpu"):
@@ -190,10 +201,11 @@ def _match_activation(module: nn.Module) -> ActivationSpec | None:
             mutated = not torch.equal(given, x)
             if mutated and not (y.data_ptr() == given.data_ptr() or torch.equal(given, y)):
                 return None  # writes something other than its result into its input
-            kind = next((k for k, fn in _ACTIVATIONS if torch.allclose(y, fn(x), rtol=1e-5, atol=1e-6)), None)
-            if kind is None:
+            match = next(((k, fn) for k, fn in _ACTIVATIONS if torch.allclose(y, fn(x), rtol=1e-5, atol=1e-6)), None)
+            if match is None:
                 return None
-            found.add(ActivationSpec(kind, mutated))
+            kind, fn = match
+            found.add(ActivationSpec(kind, mutated, torch.equal(y, fn(x)) and _bitwise_in_bf16(probe, fn, x)))
     return found.pop() if len(found) == 1 else None
 
 

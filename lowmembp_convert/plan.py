@@ -56,12 +56,22 @@ class NormSite:
     reason: str = ""
 
 
+# approx:    the module becomes ReGELU2/ReSiLU2 (2-bit approximate backward; the paper).
+# recompute: the consumer's backward rebuilds its input from the activation's input (exact).
+ActivationOption = Literal["approx", "recompute"]
+
+
 @dataclass
 class ActivationSite:
     module: str
     kind: ActivationKind
     inplace: bool = False  # the module writes its result into its input; the replacement does too
+    bitwise: bool = False  # the module's output is torch's op bit for bit (a recompute rebuilds it exactly)
     action: ActivationAction = "convert"
+    option: ActivationOption = "approx"
+    # bytes kept for backward on the example batch per option ("stock", "approx", "recompute"), when planned
+    estimate: dict[str, int] = field(default_factory=dict)
+    recompute: object | None = None  # the proven RecomputeSite when option == "recompute"
     reason: str = ""
 
 

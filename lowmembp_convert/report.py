@@ -50,7 +50,7 @@ class Report:
     def __str__(self) -> str:
         plan = self.plan
         actions = Counter(s.action for s in plan.norms)
-        kinds = Counter(s.kind for s in plan.activations if s.action == "convert")
+        kinds = Counter(f"{s.kind} {s.option}" for s in plan.activations if s.action == "convert")
         lines = []
         if self.previous is not None:
             lines += [str(self.previous), ""]
@@ -96,9 +96,17 @@ class Report:
                 lines.append(f"    {s.module:<{width}}  {s.action:<11}  {detail}")
                 if s.reason:
                     lines.append(f"    {'':<{width}}  {'':<11}  ({s.reason})")
-        skipped = [a for a in plan.activations if a.action == "skip"]
-        for a in skipped:
-            lines.append(f"  activation {a.module} skipped: {a.reason}")
+        planned = [a for a in plan.activations if a.estimate or a.action == "skip"]
+        if planned:
+            from .rewrites.planner import describe
+
+            width = max(len(a.module) for a in planned)
+            lines.append("  activation sites (bytes kept for backward on the example batch):")
+            for a in planned:
+                choice = a.option if a.action == "convert" else "stock"
+                lines.append(f"    {a.module:<{width}}  {choice:<9}  {describe(a.estimate) if a.estimate else ''}")
+                if a.reason:
+                    lines.append(f"    {'':<{width}}  {'':<9}  ({a.reason})")
         for note in plan.notes + self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)

@@ -31,6 +31,7 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[dict, dict]]]] = []
+        self._classes = [(m, type(m)) for m in _unique_modules(model)]  # a rewrite may swap a class
         for module in _unique_modules(model):
             attributes = dict(vars(module))
             # the containers themselves (_modules, _parameters, _buffers, hook dicts) are mutated in
@@ -54,7 +55,9 @@ class ModelSnapshot:
             self._values.append((t, t.detach().to("cpu", copy=True)))
 
     def restore(self) -> None:
-        """Put every recorded attribute, container and value back."""
+        """Put every recorded class, attribute, container and value back."""
+        for module, cls in self._classes:
+            module.__class__ = cls
         for module, attributes, containers in self._modules:
             for container, items in containers:
                 container.clear()

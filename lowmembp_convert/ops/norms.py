@@ -102,6 +102,11 @@ def launch_settings(rows: int, n: int, device: torch.device) -> LaunchSettings:
     """
     block_n = min(max(_next_power_of_2(n), 16), MAX_FUSED_BLOCK_N)
     num_warps = min(max(block_n // 256, 1), 16)
+    if n > MAX_FUSED_BLOCK_N:
+        # Rows longer than one block loop over half-size blocks with half the warps: the looped
+        # backward holds dy, y and partial sums per element, and at 16 elements per thread over 512
+        # threads it needed 74-100 registers (one program per SM); this keeps two resident.
+        block_n, num_warps = MAX_FUSED_BLOCK_N // 2, max(num_warps // 2, 1)
     affine_block_m = 32
     affine_block_n = min(max(_next_power_of_2(n), 16), 128)
     col_blocks = -(-n // affine_block_n)

@@ -14,6 +14,7 @@ from ..nn.activations import ReGELU2, ReSiLU2
 from ..nn.norms import MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
 from .folding import fold_affine_into
+from .recompute import rewrite_container
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> int:
@@ -139,9 +140,15 @@ def apply_plan(
                 if consumer.shares_output and consumer.layout == "linear":
                     ms.feed_twin_to(model.get_submodule(consumer.module))
         replace_module(model, norm, ms)
+    containers: dict[str, list] = {}
     for site in plan.activations:
         if site.action != "convert":
             continue
+        if site.option == "recompute":
+            containers.setdefault(site.recompute.container, []).append((site.recompute, site.kind))
+            continue
         old = model.get_submodule(site.module)
         replace_module(model, old, _activation_for(site, old))
+    for container, sites in containers.items():
+        rewrite_container(model.get_submodule(container), sites)
     return notes

@@ -109,7 +109,7 @@ class FuzzModel(nn.Module):
         self.program: list[tuple[str, str, dict]] = []
         self.pool = nn.ModuleList([nn.Linear(D, D, bias=rng.random() < 0.8) for _ in range(2)])
         self.free = nn.Parameter(torch.randn(D, D) * 0.3)
-        for i in range(rng.randint(1, 4)):
+        for i in range(rng.randint(1, 3)):
             self._add_block(rng, f"b{i}")
         if rng.random() < 0.3 and self.program:  # apply an earlier block again (a loop / tower)
             self.program.append(rng.choice(self.program))

@@ -11,10 +11,20 @@ refusals, which is the safety net, not the proof); the fourth checks the net.
 from __future__ import annotations
 
 import pytest
+import torch
 from fuzz_models import FuzzModel, example_inputs
 from rule import convert_checked
 
 SEEDS = range(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and keep the 300 models under a minute)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -80,7 +80,8 @@ def test_filter_fn_excludes_exactly_what_it_says() -> None:
     assert [type(m) for m in layer1.modules()] == [type(m) for m in layer1_orig.modules()]
     assert all(torch.equal(a, b) for a, b in zip(layer1.parameters(), layer1_orig.parameters(), strict=True))
     assert getattr(model.model.layers[0].input_layernorm, "lowmembp_converted", False)
-    assert not is_activation_module(model.model.layers[0].mlp.act_fn)
+    assert model.lowmembp_report.plan.activations[0].option == "recompute"
+    assert getattr(model.model.layers[0].mlp, "lowmembp_recompute", ()), "layer 0's MLP recomputes its activation"
     x = family.inputs(0, 2)
     with torch.no_grad():
         assert relative_error(forward(original, x), forward(model, x)) < 1e-5

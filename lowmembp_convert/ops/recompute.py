@@ -1,0 +1,164 @@
+"""Exact recompute of an MLP activation inside its consumer's backward (METHOD.md section 7).
+
+Stock, a plain MLP ``fc2(act(a))`` keeps two I-sized tensors for backward (act's input a, fc2's input
+h = act(a)); a gated MLP ``down(act(g) * u)`` keeps four (g, u, act(g), the product p). The fused op
+here computes the same forward (the stock ops, in the stock order) but keeps only a (or g and u):
+
+    forward   p = act(a) [* u];  y = p W^T + b          (linear)  or  y = b + p W  (HF Conv1D, addmm)
+    backward  p = act(a) [* u]                           rebuilt from the kept tensors (pass 1)
+              dW = dy^T p,  db = sum(dy),  dp = dy W
+              da = act'(a) * dp [* u],  du = dp * act(a)  (pass 2)
+
+Both elementwise passes are Triton kernels on a GPU (``ops/recompute_launch.py``), the torch
+reference otherwise. Gradients are the exact ones (no approximation); the rebuilt p equals the
+forward's bit for bit.
+
+Saved for backward: a, u (None for a plain MLP), and the weight (a parameter, kept anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowmembp_convert.dispatch import use_triton
+
+__all__ = ["act_linear", "KINDS", "LAYOUTS"]
+
+KINDS = ("gelu", "gelu_tanh", "silu")
+LAYOUTS = ("linear", "conv1d")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _act(a: Tensor, kind: str) -> Tensor:
+    if kind == "silu":
+        return F.silu(a)
+    return F.gelu(a, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _launchers():
+    from lowmembp_convert.ops import recompute_launch  # lazy: importing ops must not import triton
+
+    return recompute_launch
+
+
+def _takes_triton(a: Tensor) -> bool:
+    return a.dtype in _KERNEL_DTYPES and use_triton(a)
+
+
+def rebuild(a: Tensor, u: Tensor | None, kind: str) -> Tensor:
+    """p = act(a) [* u], with the stock ops' rounding (act rounded to a's dtype, then the product)."""
+    if _takes_triton(a) and (u is None or u.dtype == a.dtype):
+        return _launchers().triton_rebuild(a, u, kind)
+    h = _act(a, kind)
+    return h if u is None else h * u
+
+
+def act_grads(dp: Tensor, a: Tensor, u: Tensor | None, kind: str) -> tuple[Tensor, Tensor | None]:
+    """(da, du) from dp = dL/dp, as the stock mul and activation backward compute them."""
+    if _takes_triton(a) and dp.dtype == a.dtype and (u is None or u.dtype == a.dtype):
+        return _launchers().triton_act_grads(dp, a, u, kind)
+    if u is None:
+        dh, du = dp, None
+    else:
+        dh, du = dp * u, dp * _act(a, kind)
+    if kind == "silu":
+        da = torch.ops.aten.silu_backward(dh, a)
+    else:
+        da = torch.ops.aten.gelu_backward(dh, a, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return da, du
+
+
+def _linear(p: Tensor, weight: Tensor, bias: Tensor | None, layout: str) -> Tensor:
+    if layout == "linear":
+        return F.linear(p, weight, bias)
+    # transformers' Conv1D: addmm on the flattened rows, weight [in, out]
+    out = torch.addmm(bias, p.view(-1, p.shape[-1]), weight) if bias is not None else p.view(-1, p.shape[-1]) @ weight
+    return out.view(*p.shape[:-1], weight.shape[-1])
+
+
+@torch.library.custom_op("lowmembp::act_linear", mutates_args=())
+def _act_linear(
+    a: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor | None, kind: str, layout: str, p_dtype: torch.dtype
+) -> Tensor:
+    """y = linear(act(a) [* u]) computed with the stock ops; see the module docstring."""
+    with torch.autocast(a.device.type, enabled=False):
+        p = rebuild(a, u, kind).to(p_dtype)
+        return _linear(p, weight, bias, layout)
+
+
+@_act_linear.register_fake
+def _(a, u, weight, bias, kind, layout, p_dtype):
+    out = weight.shape[0] if layout == "linear" else weight.shape[1]
+    return a.new_empty((*a.shape[:-1], out), dtype=p_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, u, weight, bias, kind, layout, p_dtype = inputs
+    ctx.save_for_backward(a, u, weight)  # the whole saved state: a, u and the weight; not act(a), not p
+    ctx.kind, ctx.layout, ctx.p_dtype = kind, layout, p_dtype
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy: Tensor):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "lowmembp_convert: double backward (create_graph=True) through an MLP converted with the exact "
+            "recompute option is not supported; convert with activations=False (or exclude the MLP with filter_fn)"
+        )
+    a, u, weight = ctx.saved_tensors
+    need_a, need_u, need_w, need_b = ctx.needs_input_grad[:4]
+    with torch.autocast(dy.device.type, enabled=False):
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dweight = dbias = da = du = None
+        if need_w:
+            p2d = rebuild(a, u, ctx.kind).to(ctx.p_dtype).reshape(-1, a.shape[-1])
+            dweight = dy2d.t() @ p2d if ctx.layout == "linear" else p2d.t() @ dy2d
+            dweight = dweight.to(weight.dtype)
+        if need_b and ctx.has_bias:
+            dbias = dy2d.sum(0)
+        if need_a or need_u:
+            dp = (dy2d @ weight if ctx.layout == "linear" else dy2d @ weight.t()).view(*a.shape[:-1], -1)
+            da, du = act_grads(dp.to(ctx.p_dtype), a, u, ctx.kind)
+            da = da.to(a.dtype) if need_a else None
+            du = du.to(u.dtype) if (need_u and du is not None) else None
+    return da, du, dweight, dbias, None, None, None
+
+
+_act_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def act_linear(
+    a: Tensor,
+    u: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    kind: str,
+    layout: str = "linear",
+) -> Tensor:
+    """``linear(act(a) * u)`` (``u`` None: ``linear(act(a))``) keeping only a and u for backward.
+
+    Args:
+        a: the activation's input [..., I] (g for a gated MLP).
+        u: the other factor of a gated MLP [..., I], or None.
+        weight: the consumer's weight, [O, I] (``linear``) or [I, O] (``conv1d``: transformers' Conv1D).
+        bias: the consumer's bias [O] or None.
+        kind: "gelu", "gelu_tanh" or "silu".
+        layout: "linear" or "conv1d".
+
+    Under autocast the weight, bias and p are cast to the autocast dtype, as autocast's own linear
+    would; p in the dtype the product has otherwise.
+    """
+    if kind not in KINDS or layout not in LAYOUTS:
+        raise ValueError(f"act_linear: kind must be one of {KINDS} and layout one of {LAYOUTS}")
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        # torch.func transforms: the stock ops (exact; only the memory saving is not had there)
+        return _linear(rebuild(a, u, kind), weight, bias, layout)
+    p_dtype = a.dtype if u is None else torch.promote_types(a.dtype, u.dtype)
+    if torch.is_autocast_enabled(a.device.type):
+        low = torch.get_autocast_dtype(a.device.type)
+        p_dtype = low
+        weight = weight.to(low)
+        bias = bias.to(low) if bias is not None else None
+    return _act_linear(a, u, weight, bias, kind, layout, p_dtype)

@@ -1,0 +1,84 @@
+"""Choosing, per activation site, what its backward keeps: stock, the 2-bit approximation or recompute.
+
+``activations="auto"`` (the default) takes the option that keeps the fewest bytes on the example
+batch, exact options on ties; ``"recompute"`` takes recompute where the graph proves it and leaves the
+rest stock; ``"approx"`` is the paper (ReGELU2/ReSiLU2 everywhere, no graph needed). Estimates come
+from :func:`lowmembp_convert.rewrites.recompute.estimate_site`; every choice is reported with them.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture import Capture
+from ..plan import Plan
+from .recompute import OPTIONS, check_container, estimate_site
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def describe(estimate: dict[str, int]) -> str:
+    names = {"stock": "stock", "approx": "2-bit", "recompute": "recompute"}
+    return ", ".join(f"{names[k]} {_kib(v)}" for k, v in sorted(estimate.items(), key=lambda kv: OPTIONS.index(kv[0])))
+
+
+def plan_activations(
+    model: nn.Module,
+    plan: Plan,
+    capture: Capture,
+    state: set[fx.Node],
+    module_names: dict[int, list[str]],
+    mode: str,
+) -> None:
+    """Fill in each convertible activation site's estimate and option (``mode``: auto or recompute)."""
+    for site in plan.activations:
+        if site.action != "convert":
+            continue
+        module = model.get_submodule(site.module)
+        est = estimate_site(model, capture.graph, set(module_names[id(module)]), state, capture.param_of_placeholder)
+        if est.recompute is not None:
+            container = model.get_submodule(est.recompute.container)
+            why = check_container(container, [(est.recompute, site.kind)])
+            if why:
+                est.recompute, est.why_not_recompute = None, why
+                est.bytes.pop("recompute", None)
+        if "recompute" in est.bytes and (site.inplace or not site.bitwise):
+            est.bytes.pop("recompute")
+            est.why_not_recompute = (
+                "in-place activation"
+                if site.inplace
+                else f"{type(module).__name__} is not torch's {site.kind} bit for bit"
+            )
+        site.estimate = dict(est.bytes)
+        candidates = {k: v for k, v in est.bytes.items() if mode == "auto" or k != "approx"}
+        if not candidates:
+            site.action, site.reason = "skip", "not called in the traced forward"
+            continue
+        best = min(candidates, key=lambda k: (candidates[k], OPTIONS.index(k)))
+        if best == "stock":
+            site.action = "skip"
+            if mode == "recompute":
+                site.reason = f"left stock: recompute is not possible here ({est.why_not_recompute})"
+            else:
+                site.reason = f"left stock: no option keeps fewer bytes ({describe(site.estimate)})"
+            continue
+        site.option = best
+        if best == "recompute":
+            site.recompute = est.recompute
+            site.reason = f"exact recompute in {est.recompute.container or '<root>'}.{est.recompute.consumer}"
+        else:
+            site.reason = f"2-bit approximation: recompute not possible ({est.why_not_recompute})"
+
+
+def plan_activations_without_graph(plan: Plan, mode: str) -> None:
+    """Capture failed: auto falls back to the paper's option (as ``"approx"``); recompute cannot be proven."""
+    for site in plan.activations:
+        if site.action != "convert":
+            continue
+        if mode == "recompute":
+            site.action, site.reason = "skip", "graph capture failed, so recompute cannot be proven; left stock"
+        else:
+            site.reason = "graph capture failed: no estimate, the 2-bit approximation as in activations='approx'"

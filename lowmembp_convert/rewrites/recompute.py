@@ -1,0 +1,405 @@
+"""The per-site activation planner and the exact ``recompute`` rewrite (METHOD.md section 7).
+
+For each activation module the planner works out, from the captured graph, the bytes each option
+keeps for backward on the example batch, counting storages (a view keeps its base alive):
+
+- ``stock``: the activation keeps its input a; every user of h = act(a) that saves it keeps h (a
+  gating ``mul`` keeps h and u; the consumer Linear keeps its input when its weight trains).
+- ``approx`` (the paper's ReGELU2/ReSiLU2): a 2-bit code per element instead of a; the rest as stock.
+- ``recompute``: where the graph proves ``consumer(act(a) [* u])`` with nothing else reading h (or
+  the product), the consumer's backward rebuilds its input from a (and u): only a and u are kept.
+
+The smallest wins, exact options on ties (stock, then recompute, then approx); a site where nothing
+saves bytes stays stock. The rewrite itself is local to the module whose forward makes the call
+(the *container*, e.g. ``LlamaMLP``): its forward is traced with torch.fx (children as leaves), the
+``act -> [mul] -> consumer`` calls become one call of :func:`recompute_act_linear`, and the
+container's class is swapped for a subclass with that forward. Module tree, parameter objects and
+state_dict keys are unchanged; ``print(model)`` shows the rewrite in the container's line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ..graph_calls import call_inputs, module_calls
+from ..ops.recompute import act_linear
+
+aten = torch.ops.aten
+OPTIONS = ("stock", "recompute", "approx")  # tie order: exact and untouched first
+_IDENTITY_OPS = {aten.alias.default, aten.detach.default, aten.clone.default}
+
+
+@dataclass
+class Estimate:
+    """Bytes kept for backward at one activation site, per option (example batch), and the proof."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    recompute: RecomputeSite | None = None
+    why_not_recompute: str = ""
+
+
+@dataclass(frozen=True)
+class RecomputeSite:
+    """``container.consumer(container.activation(a) [* u])`` proven from the graph."""
+
+    container: str  # fqn of the module whose forward is rewritten
+    activation: str  # local name of the activation child
+    consumer: str  # local name of the consumer child
+    layout: str  # "linear" or "conv1d" (transformers' Conv1D)
+    gated: bool
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+class _Storages:
+    """A set of kept storages, each counted once at its full size."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[object, int] = {}
+
+    def add(self, t: torch.Tensor | None) -> None:
+        if t is None:
+            return
+        try:
+            key, size = StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage: count its elements
+            key, size = ("tensor", id(t)), t.numel() * t.element_size()
+        self._sizes[key] = size
+
+    def add_bytes(self, key: object, size: int) -> None:
+        self._sizes[key] = size
+
+    @property
+    def total(self) -> int:
+        return sum(self._sizes.values())
+
+
+def _single_user_chain(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """Follow ``node`` through identity ops (alias, detach, dropout with p=0) while each has one user;
+    returns (the first real user or None when there are several users, the identity nodes passed)."""
+    chain = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None, chain
+        user = users[0]
+        if user.op == "call_function" and (user.target in _IDENTITY_OPS or _is_identity_dropout(user)):
+            chain.append(user)
+            node = user
+            continue
+        return user, chain
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    if node.target not in (aten.dropout.default,):
+        return False
+    p = node.args[1] if len(node.args) > 1 else 0.5
+    train = node.args[2] if len(node.args) > 2 else True
+    return not p or not train
+
+
+def _consumer_of(node: fx.Node) -> tuple[fx.Node, str, fx.Node] | None:
+    """(the linear-like node, layout, its weight placeholder) when ``node`` is its input."""
+    if node.op == "call_function" and node.target is aten.linear.default and node.args[0] is not None:
+        return node, "linear", node.args[1]
+    if node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default):
+        users = list(node.users)
+        if len(users) == 1 and users[0].target is aten.addmm.default and users[0].args[1] is node:
+            return users[0], "conv1d", users[0].args[2]
+    return None
+
+
+def _is_plain_linear(module: nn.Module, layout: str) -> bool:
+    """A consumer whose forward is the stock one (a subclass overriding forward, a PEFT wrapper... is not)."""
+    if layout == "linear":
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def estimate_site(
+    model: nn.Module,
+    graph: fx.Graph,
+    names: set[str],
+    state: set[fx.Node],
+    param_of_placeholder: dict[str, str],
+) -> Estimate:
+    """Bytes each option keeps at the activation module known under ``names``, and whether the
+    graph proves the recompute pattern (one call, ``consumer(act(a) [* u])``, nothing else reading)."""
+    est = Estimate()
+    stock, approx, recompute = _Storages(), _Storages(), _Storages()
+    calls = module_calls(graph, names)
+    if not calls:
+        est.why_not_recompute = "not called in the traced forward"
+        return est
+    pattern: RecomputeSite | None = None
+    reasons = []
+    for index, (region, outputs) in enumerate(calls):
+        inputs = call_inputs(region, state)
+        if len(inputs) != 1 or len(outputs) != 1:
+            reasons.append("the call does not map one tensor to one tensor")
+            continue
+        (a,), (h,) = tuple(inputs), outputs
+        a_val, h_val = _val(a), _val(h)
+        stock.add(a_val)
+        approx.add_bytes(("codes", index), math.ceil(a_val.numel() / 4) if a_val is not None else 0)
+        recompute.add(a_val)
+        user, _chain = _single_user_chain(h)
+        if user is None:  # several readers of h: each may keep it (as stock does)
+            stock.add(h_val)
+            approx.add(h_val)
+            recompute.add(h_val)
+            reasons.append(_peft_reader(model, h) or "its output has several readers")
+            continue
+        u_node = None
+        p = h
+        if user.op == "call_function" and user.target is aten.mul.Tensor:
+            other = user.args[1] if user.args[0] is h or user.args[0] in _chain else user.args[0]
+            if isinstance(other, fx.Node) and _val(other) is not None and _val(other).shape == h_val.shape:
+                u_node, p = other, user
+                for kept in (stock, approx):
+                    kept.add(h_val)  # mul keeps h for du and u for dh
+                    kept.add(_val(other))
+                recompute.add(_val(other))
+                user, _chain = _single_user_chain(user)
+        consumer = _consumer_of(user) if user is not None else None
+        p_kept = True
+        if consumer is not None:
+            node, layout, weight = consumer
+            weight_fqn = param_of_placeholder.get(getattr(weight, "name", ""))
+            if weight_fqn is not None and not model.get_parameter(weight_fqn).requires_grad:
+                p_kept = False  # a frozen consumer keeps nothing of its input
+        if p_kept:
+            stock.add(_val(p))
+            approx.add(_val(p))
+        why = _recompute_blocker(model, consumer, u_node, p, h, user, len(calls), param_of_placeholder)
+        if consumer is None and user is None:
+            why = _peft_reader(model, p) or why
+        if why:
+            reasons.append(why)
+            if p_kept:
+                recompute.add(_val(p))
+            continue
+        node, layout, _weight = consumer
+        container = _path(p) if u_node is not None else _common_parent(_path(h), _path(node))
+        act_path, consumer_path = _path(h), _path(node)
+        local = _children_of(container, act_path, consumer_path)
+        if local is None:
+            reasons.append("the activation and its consumer are not children of the module that calls them")
+            if p_kept:
+                recompute.add(_val(p))
+            continue
+        pattern = RecomputeSite(container, local[0], local[1], layout, u_node is not None)
+    est.bytes = {"stock": stock.total, "approx": approx.total}
+    if pattern is not None and not reasons:
+        est.recompute = pattern
+        est.bytes["recompute"] = recompute.total
+    else:
+        est.why_not_recompute = reasons[0] if reasons else "no consumer found"
+    return est
+
+
+def _recompute_blocker(model, consumer, u_node, p, h, user, n_calls, param_of_placeholder) -> str:
+    if n_calls != 1:
+        return f"called {n_calls} times in the forward"
+    if consumer is None:
+        return "its output does not go (alone, or through one gating multiply) into a Linear"
+    node, layout, weight = consumer
+    fqn = param_of_placeholder.get(getattr(weight, "name", ""))
+    if fqn is None:
+        return "the consumer multiplies by a computed weight"
+    owner = fqn.rpartition(".")[0]
+    module = model.get_submodule(owner) if owner else model
+    if not _is_plain_linear(module, layout):
+        kind = "PEFT-wrapped" if hasattr(module, "base_layer") or "lora" in type(module).__name__.lower() else "custom"
+        return f"the consumer {owner} is {kind} ({type(module).__name__}), so its input path cannot be taken over"
+    if _path(node) != owner:
+        return "the consumer's weight belongs to another module"
+    return ""
+
+
+def _peft_reader(model: nn.Module, p: fx.Node) -> str:
+    """The reason when every reader of ``p`` is inside one PEFT-wrapped layer (base + adapters)."""
+    for user in p.users:
+        path = _path(user) or ""
+        while path:
+            module = model.get_submodule(path)
+            if hasattr(module, "base_layer"):
+                return (
+                    f"the consumer {path} is PEFT-wrapped ({type(module).__name__}): its adapter path reads the "
+                    "same input, which only the stock path keeps"
+                )
+            path = path.rpartition(".")[0]
+    return ""
+
+
+def _common_parent(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return None
+    pa, pb = a.split("."), b.split(".")
+    common = []
+    for x, y in zip(pa[:-1], pb[:-1], strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _children_of(container: str | None, act: str | None, consumer: str | None) -> tuple[str, str] | None:
+    if container is None or act is None or consumer is None:
+        return None
+    prefix = f"{container}." if container else ""
+    local_act, local_consumer = act[len(prefix) :], consumer[len(prefix) :]
+    if not (act.startswith(prefix) and consumer.startswith(prefix)) or "." in local_act or "." in local_consumer:
+        return None
+    return local_act, local_consumer
+
+
+# --------------------------------------------------------------------------------------------------
+# The rewrite: the container's forward, traced with its children as leaves
+# --------------------------------------------------------------------------------------------------
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace(container: nn.Module) -> fx.Graph:
+    return _ChildrenAsLeaves().trace(container)
+
+
+def recompute_act_linear(
+    a: torch.Tensor, u: torch.Tensor | None, consumer: nn.Module, kind: str, layout: str
+) -> torch.Tensor:
+    """What a rewritten container calls in place of ``consumer(act(a) [* u])``.
+
+    If the consumer is no longer a stock Linear / Conv1D (a PEFT LoRA wrapper added after
+    converting, a user's subclass), its own forward runs on the stock product: exact, as stock.
+    """
+    if not _is_plain_linear(consumer, layout):
+        from ..ops.recompute import rebuild
+
+        return consumer(rebuild(a, u, kind))
+    return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
+
+
+def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> tuple[fx.Graph | None, str]:
+    """The container's forward graph with every site replaced by the fused call, or (None, why not)."""
+    try:
+        graph = _trace(container)
+        code = graph.python_code("self").src
+        mode = container.training
+        container.train(not mode)
+        try:
+            other = _trace(container).python_code("self").src
+        finally:
+            container.train(mode)
+    except Exception as exc:  # any tracing failure: this container stays as it is
+        return None, f"{type(container).__name__}.forward cannot be traced by torch.fx ({type(exc).__name__})"
+    if code != other:
+        return None, f"{type(container).__name__}.forward depends on train/eval mode"
+    for site, kind in sites:
+        why = _replace_pattern(graph, container, site, kind)
+        if why:
+            return None, why
+    graph.lint()
+    return graph, ""
+
+
+def check_container(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> str:
+    """Why the rewrite of ``container`` at ``sites`` cannot be done ("" when it can). Changes nothing."""
+    return _rewritten_graph(container, sites)[1]
+
+
+def rewrite_container(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> None:
+    """Swap ``container``'s class for a subclass whose forward calls the fused op at ``sites``
+    ((site, activation kind) pairs), keeping every child, parameter and attribute."""
+    graph, why = _rewritten_graph(container, sites)
+    if graph is None:
+        raise RuntimeError(f"recompute rewrite of {type(container).__name__}: {why}")
+    code = graph.python_code("self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<lowmembp recompute {type(container).__name__}>", "exec"), namespace)  # noqa: S102
+    base = type(container)
+    note = ", ".join(f"{s.consumer} recomputes {s.activation}" + (" x gate" if s.gated else "") for s, _ in sites)
+
+    def extra_repr(self) -> str:
+        own = base.extra_repr(self)
+        return f"{own}, lowmembp: {note}" if own else f"lowmembp: {note}"
+
+    def __reduce_ex__(self, protocol):
+        # pickle / deepcopy by the importable base class and the sites; loading rewrites again
+        return (_restore, (base, self.__getstate__(), tuple(sites)))
+
+    attributes = {"forward": namespace["forward"], "extra_repr": extra_repr, "__module__": base.__module__}
+    attributes["lowmembp_recompute"] = tuple(s for s, _ in sites)
+    attributes["__reduce_ex__"] = __reduce_ex__
+    container.__class__ = type(base.__name__, (base,), attributes)
+
+
+def _restore(base: type, state: dict, sites: tuple) -> nn.Module:
+    """Unpickle a rewritten container: the stock class with its state, rewritten again."""
+    module = base.__new__(base)
+    module.__setstate__(state)
+    rewrite_container(module, list(sites))
+    return module
+
+
+def _replace_pattern(graph: fx.Graph, container: nn.Module, site: RecomputeSite, kind: str) -> str:
+    act = [n for n in graph.nodes if n.op == "call_module" and n.target == site.activation]
+    if len(act) != 1 or len(act[0].args) != 1:
+        return f"{site.activation} is not called once with one argument in {type(container).__name__}.forward"
+    act = act[0]
+    users = list(act.users)
+    node, u, dead = act, None, [act]
+    if site.gated:
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in (torch.mul, _mul_operator()):
+            return "the gating multiply is not where the graph had it"
+        mul = users[0]
+        u = mul.args[1] if mul.args[0] is act else mul.args[0]
+        node, dead = mul, [act, mul]
+        users = list(mul.users)
+    while len(users) == 1 and users[0].op == "call_module" and _is_identity_child(container, users[0].target):
+        node = users[0]
+        dead.append(node)
+        users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].target != site.consumer:
+        return (
+            f"{site.consumer} does not directly take {site.activation}'s output in {type(container).__name__}.forward"
+        )
+    consumer = users[0]
+    with graph.inserting_before(consumer):
+        module = graph.get_attr(site.consumer)
+        fused = graph.call_function(
+            recompute_act_linear,
+            (act.args[0], u, module, kind, site.layout),
+        )
+    consumer.replace_all_uses_with(fused)
+    for n in [consumer, *reversed(dead)]:
+        graph.erase_node(n)
+    return ""
+
+
+def _mul_operator():
+    import operator
+
+    return operator.mul
+
+
+def _is_identity_child(container: nn.Module, target: str) -> bool:
+    child = container.get_submodule(target)
+    return isinstance(child, nn.Identity) or (isinstance(child, nn.Dropout) and child.p == 0)

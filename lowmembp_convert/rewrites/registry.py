@@ -1,0 +1,77 @@
+"""Every rewrite convert() can make, with the contract it declares (one generic test enforces them all).
+
+As optimum's transforms declare ``preserves_computation`` and torchao registers a handler per config,
+each rewrite here names the ``convert()`` options that turn it on alone, how to read the sites it
+applied from a :class:`~lowmembp_convert.plan.Plan`, and its contract:
+
+- ``exact_forward``: outputs equal the stock model's (up to the rounding of a folded weight);
+- ``exact_backward``: gradients equal the stock model's (up to rounding);
+- ``changes_parameter_values``: parameter tensors are edited in place (a fold);
+- ``keeps_state_dict_keys``: ``state_dict()`` has the same keys (a stock model loads it).
+
+``tests/rewrites/test_contracts.py`` runs every registered rewrite over the model zoo and checks each
+declared property against the stock model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..plan import Plan
+
+
+@dataclass(frozen=True)
+class Contract:
+    exact_forward: bool
+    exact_backward: bool
+    changes_parameter_values: bool
+    keeps_state_dict_keys: bool
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    name: str
+    module: str  # where its site finding and application live
+    options: dict[str, Any]  # convert() options that make this rewrite the only one
+    sites: Callable[[Plan], list[str]]  # the sites a plan applied it to
+    contract: Contract
+
+
+REWRITES: tuple[Rewrite, ...] = (
+    Rewrite(
+        name="fold_norms",
+        module="lowmembp_convert.rewrites.norms",
+        options={"norms": True, "activations": False},
+        sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
+        contract=Contract(
+            exact_forward=True, exact_backward=True, changes_parameter_values=True, keeps_state_dict_keys=True
+        ),
+    ),
+    Rewrite(
+        name="approx_activations",
+        module="lowmembp_convert.rewrites.activations",
+        options={"norms": False, "activations": "approx"},
+        sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "approx"],
+        contract=Contract(
+            exact_forward=True, exact_backward=False, changes_parameter_values=False, keeps_state_dict_keys=True
+        ),
+    ),
+    Rewrite(
+        name="recompute_activations",
+        module="lowmembp_convert.rewrites.recompute",
+        options={"norms": False, "activations": "recompute"},
+        sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "recompute"],
+        contract=Contract(
+            exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
+        ),
+    ),
+)
+
+
+def rewrite(name: str) -> Rewrite:
+    for r in REWRITES:
+        if r.name == name:
+            return r
+    raise KeyError(f"no rewrite named {name!r}; registered: {[r.name for r in REWRITES]}")
