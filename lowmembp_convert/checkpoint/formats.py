@@ -6,7 +6,8 @@ Accepted inputs:
   ``pytorch_model*.bin``;
 - a timm hub directory: ``config.json`` with an ``architecture`` entry and ``model.safetensors`` or
   ``pytorch_model.bin``;
-- a single state-dict file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) together with ``--arch``.
+- a single state-dict file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``, ``.pth.tar`` as timm's
+  ``train.py`` names its checkpoints) together with ``--arch``.
 
 Detection reads only ``config.json`` and index files; tensor headers are read by :mod:`.store`.
 """
@@ -26,7 +27,7 @@ CheckpointKind = Literal["transformers", "timm", "state_dict"]
 WeightFormat = Literal["safetensors", "torch"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".bin", ".pth", ".pt")
+TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".pt.tar")
 CONFIG_FILE = "config.json"
 # (index file, single file, format), in transformers' order of preference
 _WEIGHT_FILES: tuple[tuple[str, str, WeightFormat], ...] = (
@@ -46,7 +47,7 @@ _OTHER_WEIGHT_PATTERNS = (
 )
 _ACCEPTED = (
     "pass a transformers model directory (config.json + model.safetensors or pytorch_model.bin), "
-    "or a .safetensors/.bin/.pth state dict with --arch"
+    "or a .safetensors/.bin/.pth/.pth.tar state dict with --arch"
 )
 
 
@@ -88,11 +89,14 @@ def read_json(path: Path) -> dict:
 
 def weight_format_of(path: Path) -> WeightFormat | None:
     """'safetensors' or 'torch' by file suffix, None for anything else."""
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
+    name = path.name.lower()
+    formats: tuple[tuple[tuple[str, ...], WeightFormat], ...] = (
+        (SAFETENSORS_SUFFIXES, "safetensors"),
+        (TORCH_SUFFIXES, "torch"),
+    )
+    for suffixes, fmt in formats:
+        if any(name.endswith(s) and len(name) > len(s) for s in suffixes):  # ".pth" alone is a hidden name
+            return fmt
     return None
 
 

@@ -3,16 +3,21 @@
 Files are loaded with ``weights_only=True`` (no arbitrary code runs) and ``mmap=True`` where the
 file is in the zip format, so a tensor's bytes are paged in only when it is used. Training
 checkpoints that wrap the state dict (``{"state_dict": ..., "epoch": ...}``, ``{"model": ...}``) are
-understood; everything around the state dict is written back unchanged.
+understood; everything around the state dict is written back unchanged. The few classes training
+scripts put around it and that rebuild without running code are allowed as well (timm's
+``train.py`` stores its ``argparse.Namespace`` under ``args``); any other object is refused, by name.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,10 @@ from .errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _REDO = "re-save it with torch.save(model.state_dict(), path) or download it again"
+# classes rebuilt from plain values (no code of the file runs) that training checkpoints carry
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
 
 @dataclass
@@ -32,6 +41,7 @@ class TorchFile:
     container: Any  # what torch.load returned
     wrapper_key: str | None  # key of the state dict inside ``container``; None when it *is* one
     tensors: dict[str, torch.Tensor]
+    other_state_dicts: list[str] = field(default_factory=list)  # e.g. timm's "state_dict_ema": left as is
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -49,28 +59,72 @@ def load_torch_file(path: str | os.PathLike) -> TorchFile:
         raise CheckpointError(path, "empty file", _REDO)
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = _weights_only_load(path, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _weights_only_load(path, mmap=False)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"not a plain tensor checkpoint or corrupt ({first[:200]})", _REDO) from exc
+        names = _refused_globals(path, exc)
+        if names:
+            raise CheckpointError(
+                path,
+                f"not a plain tensor checkpoint: it holds {_some(names)} object(s), which a weights-only "
+                "load refuses (lowmembp-convert never runs code from a checkpoint)",
+                "save the state dict alone with torch.save(model.state_dict(), path) and convert that file",
+            ) from exc
+        raise CheckpointError(path, f"not a plain tensor checkpoint or corrupt ({_first_line(exc)})", _REDO) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"corrupt or truncated PyTorch file ({first[:200]})", _REDO) from exc
+        raise CheckpointError(path, f"corrupt or truncated PyTorch file ({_first_line(exc)})", _REDO) from exc
     if _is_state_dict(obj):
         return TorchFile(path, obj, None, obj)
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
             if _is_state_dict(obj.get(key)):
-                return TorchFile(path, obj, key, obj[key])
+                others = [k for k, v in obj.items() if k != key and isinstance(k, str) and _is_state_dict(v)]
+                return TorchFile(path, obj, key, obj[key], others)
     raise CheckpointError(
         path,
         "no state dict found (expected a dict of tensors, or one under 'state_dict'/'model')",
         "save the weights with torch.save(model.state_dict(), path)",
     )
+
+
+def _weights_only_load(path: Path, mmap: bool) -> object:
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5: scoped allow-list
+    if safe is None:
+        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+    with safe(list(SAFE_GLOBALS)) if safe is not None else nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of an exception message, without terminal colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    for line in lines:  # torch's weights-only errors put the actual problem on a later line
+        if line.startswith("WeightsUnpickler error:"):
+            return line[len("WeightsUnpickler error:") :].strip()[:200]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _refused_globals(path: Path, exc: BaseException) -> list[str]:
+    """The classes/functions a weights-only load refused in ``path`` (all of them when torch can list them)."""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    names: list[str] = []
+    if lister is not None:
+        try:
+            names = [n for n in lister(path) if n not in allowed]
+        except Exception:  # a corrupt file: fall back to the message
+            names = []
+    if not names:
+        names = _UNSAFE_GLOBAL.findall(_ANSI.sub("", str(exc)))
+    return list(dict.fromkeys(names))
 
 
 def save_torch_file(
