@@ -33,7 +33,8 @@ class MetaModel:
     library: Library
     arch: str  # transformers class name or timm model name
     config_dir: Path | None = None  # transformers config directory
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
+    # timm: create_model kwargs; transformers (--arch config directory): config attribute overrides
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _unknown_arch(path: Path | str, what: str) -> CheckpointError:
@@ -62,6 +63,14 @@ def build_meta_model(
     """
     model_kwargs = dict(model_kwargs or {})
     if layout.kind == "transformers" and arch is None:
+        if model_kwargs:
+            raise CheckpointError(
+                layout.path,
+                f"--model-kwargs {json.dumps(model_kwargs)} does not apply to a transformers model directory: "
+                "its config.json defines the model, and the output keeps that config",
+                "drop --model-kwargs (edit config.json in a copy of the directory if it is wrong); "
+                "--model-kwargs sets timm create_model arguments, or config attributes with --arch CONFIG_DIR",
+            )
         return _build_transformers(layout.path, layout.path, checkpoint_keys)
     if layout.kind == "timm" and arch is None:
         config = layout.config or {}
@@ -79,7 +88,7 @@ def build_meta_model(
     if os.path.isdir(arch):
         if not os.path.isfile(os.path.join(arch, CONFIG_FILE)):
             raise CheckpointError(arch, "--arch directory has no config.json", "pass a transformers config directory")
-        return _build_transformers(Path(arch), layout.path, checkpoint_keys)
+        return _build_transformers(Path(arch), layout.path, checkpoint_keys, model_kwargs)
     return _build_timm(layout.path, arch, model_kwargs)
 
 
@@ -112,15 +121,42 @@ def _best_auto_model(config: Any, checkpoint_keys: set[str] | None) -> nn.Module
     return best
 
 
-def _build_transformers(config_dir: Path, ckpt_path: Path, checkpoint_keys: set[str] | None = None) -> MetaModel:
-    import transformers
+def load_transformers_config(config_dir: Path, ckpt_path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """``AutoConfig.from_pretrained(config_dir)`` with ``overrides`` set as config attributes.
+
+    Raises:
+        CheckpointError: unknown model type, or an override that names no attribute of the config.
+    """
     from transformers import AutoConfig
 
+    overrides = dict(overrides or {})
+    if isinstance(overrides.get("num_labels"), int) and "id2label" not in overrides:
+        # the saved id2label would contradict the new head size: default names, as transformers gives them
+        overrides["id2label"] = {i: f"LABEL_{i}" for i in range(overrides["num_labels"])}
+        overrides.setdefault("label2id", {v: k for k, v in overrides["id2label"].items()})
     try:
-        config = AutoConfig.from_pretrained(str(config_dir))
+        config, unused = AutoConfig.from_pretrained(str(config_dir), return_unused_kwargs=True, **overrides)
     except (ValueError, KeyError, OSError) as exc:
         model_type = read_json(config_dir / CONFIG_FILE).get("model_type", "?")
         raise _unknown_arch(ckpt_path, f"(model_type {model_type!r} unknown to transformers)") from exc
+    if unused:
+        raise CheckpointError(
+            ckpt_path,
+            f"--model-kwargs {json.dumps(unused)}: no such attribute in the {type(config).__name__} of {config_dir}",
+            "pass config attributes only (e.g. '{\"num_labels\": 10}')",
+        )
+    return config
+
+
+def _build_transformers(
+    config_dir: Path,
+    ckpt_path: Path,
+    checkpoint_keys: set[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> MetaModel:
+    import transformers
+
+    config = load_transformers_config(config_dir, ckpt_path, overrides)
     names = list(getattr(config, "architectures", None) or [])
     cls = getattr(transformers, names[0], None) if names else None
     if names and cls is None:
@@ -133,7 +169,9 @@ def _build_transformers(config_dir: Path, ckpt_path: Path, checkpoint_keys: set[
     else:
         with torch.device("meta"):
             model = cls._from_config(config)
-    return MetaModel(model, "transformers", type(model).__name__, config_dir=config_dir)
+    return MetaModel(
+        model, "transformers", type(model).__name__, config_dir=config_dir, model_kwargs=dict(overrides or {})
+    )
 
 
 def _build_timm(ckpt_path: Path, name: str, kwargs: dict[str, Any]) -> MetaModel:
@@ -267,6 +305,65 @@ def match_keys(model: nn.Module, checkpoint_keys: set[str], path: Path, library:
             "pass the --arch the checkpoint was saved from",
         )
     return best
+
+
+def _classifier_names(meta: MetaModel) -> set[str]:
+    """Parameter names of the classification head (timm's ``pretrained_cfg['classifier']``)."""
+    cfg = getattr(meta.model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") if isinstance(cfg, dict) else None
+    heads = [heads] if isinstance(heads, str) else list(heads or [])
+    return {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+
+
+def _shape_fix(meta: MetaModel, kind: str, mismatches: list[tuple[str, tuple, tuple]]) -> str:
+    """What to pass so the architecture matches: the head size when only a classifier's rows differ."""
+    rows_only = all(len(want) == len(got) >= 1 and want[1:] == got[1:] for _, want, got in mismatches)
+    sizes = {got[0] for _, _, got in mismatches}
+    if rows_only and len(sizes) == 1:
+        n = sizes.pop()
+        names = {name for name, _, _ in mismatches}
+        if meta.library == "timm" and names <= _classifier_names(meta):
+            kwargs = {**meta.model_kwargs, "num_classes": n}
+            return f"pass --model-kwargs '{json.dumps(kwargs)}' (the checkpoint's head size)"
+        num_labels = getattr(getattr(meta.model, "config", None), "num_labels", None)
+        if meta.library == "transformers" and all(want[0] == num_labels for _, want, _ in mismatches):
+            if kind == "transformers":
+                return f"config.json does not describe these weights: set num_labels to {n} there (or restore it)"
+            kwargs = {**meta.model_kwargs, "num_labels": n}
+            return f"pass --model-kwargs '{json.dumps(kwargs)}' (the checkpoint's head size)"
+    if kind == "transformers":
+        return "restore the config.json these weights were saved with"
+    return "pass the --arch and --model-kwargs this checkpoint was saved with"
+
+
+def check_shapes(meta: MetaModel, keymap: KeyMap, shapes: dict[str, tuple[int, ...]], path: Path, kind: str) -> None:
+    """Every checkpoint tensor must have the shape the architecture gives it (the stock loaders refuse
+    anything else), so a wrong head size or --arch is reported here, before any work.
+
+    Args:
+        shapes: checkpoint key -> shape.
+        kind: the checkpoint kind (``transformers`` directories are fixed in config.json).
+    Raises:
+        CheckpointError: naming the first mismatches and, for a classifier head, the --model-kwargs to pass.
+    """
+    mismatches = []
+    for name, tensor in meta.model.state_dict().items():
+        key = keymap.table.get(name)
+        if key is None or name in keymap.converted or key not in shapes:
+            continue
+        if tuple(tensor.shape) != tuple(shapes[key]):
+            mismatches.append((name, tuple(tensor.shape), tuple(shapes[key])))
+    if not mismatches:
+        return
+    shown = "; ".join(
+        f"{n} is {list(got)} in the checkpoint but {list(want)} in the model" for n, want, got in mismatches[:2]
+    )
+    more = f" (and {len(mismatches) - 2} more)" if len(mismatches) > 2 else ""
+    raise CheckpointError(
+        path,
+        f"does not match {describe_model(meta)}: {shown}{more}",
+        _shape_fix(meta, kind, mismatches),
+    )
 
 
 def describe_model(meta: MetaModel) -> str:

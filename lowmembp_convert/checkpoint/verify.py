@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .formats import CheckpointLayout
-from .load import MetaModel, sync_timm_input_size
+from .load import MetaModel, load_transformers_config, sync_timm_input_size
 from .torch_file import load_torch_file
 
 # default max |a - b| / max |a| by checkpoint dtype: one rounding per folded weight in that dtype
@@ -55,9 +55,8 @@ def _load(meta: MetaModel, layout: CheckpointLayout, path: Path, seed: int) -> n
     cls = type(meta.model)
     if layout.is_directory:
         return cls.from_pretrained(str(path), dtype=torch.float32).eval()
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(meta.config_dir))
+    assert meta.config_dir is not None
+    config = load_transformers_config(meta.config_dir, path, meta.model_kwargs)
     model = cls._from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(_load_state_dict(path, layout.format), strict=False)
     if unexpected:
@@ -67,13 +66,19 @@ def _load(meta: MetaModel, layout: CheckpointLayout, path: Path, seed: int) -> n
 
 
 def example_batch(model: nn.Module, seed: int, batch: int = 2, seq_len: int = 16) -> dict[str, Any]:
-    """A seeded random batch for a transformers or timm model (keyword ``x`` for timm)."""
+    """A seeded random batch for a transformers or timm model (keyword ``x`` for timm).
+
+    An encoder-decoder (T5, BART...) gets ``decoder_input_ids`` too: its forward needs them.
+    """
     gen = torch.Generator().manual_seed(seed)
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if main == "input_ids":
         vocab = int(getattr(config, "vocab_size", 32) or 32)
-        return {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=gen)}
+        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=gen)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(1, seq_len // 2)), generator=gen)
+        return inputs
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
