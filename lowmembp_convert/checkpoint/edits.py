@@ -222,6 +222,71 @@ def _is_identity(site: NormSite, keymap: KeyMap, store: TensorStore) -> bool:
     return checked
 
 
+# the analysis' bound on 1 + |bias| / |weight| for a norm that keeps its affine (see analysis._weight_guard)
+DEFAULT_MAX_RECOVERY_AMPLIFICATION = 8.0
+
+
+def _max_amplification() -> float:
+    try:
+        from ..analysis import MAX_RECOVERY_AMPLIFICATION
+    except ImportError:
+        return DEFAULT_MAX_RECOVERY_AMPLIFICATION
+    return float(MAX_RECOVERY_AMPLIFICATION)
+
+
+def weight_guard(weight: torch.Tensor, bias: torch.Tensor | None, offset: float, min_abs_weight: float) -> str:
+    """Why keeping a norm's affine would make its backward inexact, or "" when it is safe.
+
+    The same rules, and words, as the analysis applies to a model with real weights: backward
+    recovers x_hat = (y - b) / w, so a tiny |w| (below ``min_abs_weight``), or a bias large next to
+    it (rounding amplified more than ``MAX_RECOVERY_AMPLIFICATION`` times), leaves the norm as is.
+    """
+    scale = (weight.to(torch.float64) + offset).abs()
+    if scale.numel() == 0:
+        return ""
+    smallest = scale.min().item()
+    if smallest < min_abs_weight:
+        return (
+            f"keeping the affine would divide by |weight| = {smallest:.2e} in backward "
+            f"(< min_abs_weight={min_abs_weight}); left unconverted"
+        )
+    if bias is None:
+        return ""
+    amplification = (1 + bias.to(torch.float64).abs() / scale).max().item()
+    if amplification > _max_amplification():
+        saved = "float16" if weight.dtype == torch.float16 else "bfloat16"
+        return (
+            f"keeping the affine would recover x_hat = (y - bias) / weight with up to {amplification:.0f}x the "
+            f"rounding error of a {saved} output (|bias| / |weight| up to {amplification - 1:.3g}); "
+            "left unconverted, so its gradients stay exact"
+        )
+    return ""
+
+
+def apply_weight_guard(plan: Plan, keymap: KeyMap, store: TensorStore, min_abs_weight: float) -> list[str]:
+    """Decide the norms that keep their affine as ``convert()`` will on the checkpoint's real weights.
+
+    The plan is made on a meta-device skeleton, so the analysis could not see a norm whose weight
+    makes keeping the affine inexact (:func:`weight_guard`); ``convert()`` leaves such a norm
+    unconverted. The (small) norm vectors are read here and those sites become ``skip`` with the
+    analysis' reason. Returns the modules changed.
+    """
+    changed = []
+    for site in plan.norms:
+        if site.action != "keep_affine" or not site.weight:
+            continue
+        keys = [keymap(site.weight), keymap(site.bias) if site.bias else None]
+        if any(k is not None and (k not in store or store.entries[k].dtype not in FOLDABLE_DTYPES) for k in keys):
+            continue
+        weight = store.get(keys[0])
+        bias = store.get(keys[1]) if keys[1] is not None else None
+        reason = weight_guard(weight, bias, site.weight_offset, min_abs_weight)
+        if reason:
+            site.action, site.autocast_output, site.reason = "skip", False, reason
+            changed.append(site.module)
+    return changed
+
+
 def _claim(result: EditPlan, key: str, edit: TensorEdit, site: NormSite, store: TensorStore) -> None:
     if key in result.edits:
         raise CheckpointError(

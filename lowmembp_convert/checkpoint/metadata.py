@@ -44,6 +44,30 @@ def conversion_record(architecture: str, folded: list[str], untied: list[str], p
     }
 
 
+def describe_record(record: dict, limit: int = 3) -> str:
+    """The record in one short line: counts and the first few names, not every folded module.
+
+    E.g. ``lowmembp-convert 0.1.0, LlamaForCausalLM: 24 norms folded (model.layers.0.input_layernorm,
+    model.layers.0.post_attention_layernorm, model.layers.1.input_layernorm and 21 more)``.
+    """
+
+    def some(names: list[str]) -> str:
+        shown = ", ".join(names[:limit])
+        return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+    folded = [str(n) for n in record.get("folded") or []]
+    untied = [str(n) for n in record.get("untied") or []]
+    head = f"lowmembp-convert {record.get('version', '?')}"
+    if record.get("architecture"):
+        head += f", {record['architecture']}"
+    text = f"{head}: {len(folded)} norm{'s' if len(folded) != 1 else ''} folded"
+    if folded:
+        text += f" ({some(folded)})"
+    if untied:
+        text += f"; untied: {some(untied)}"
+    return text
+
+
 def record_from_config(config: dict | None) -> dict | None:
     record = (config or {}).get(METADATA_KEY)
     return record if isinstance(record, dict) else None
