@@ -35,6 +35,9 @@ def hf_model(family: str, tie: bool | None = None) -> nn.Module:
         ),
         "bert": lambda: T.BertForMaskedLM(T.BertConfig(**small, max_position_embeddings=32, **extra)),
         "roberta": lambda: T.RobertaForMaskedLM(T.RobertaConfig(**small, max_position_embeddings=40, **extra)),
+        "t5": lambda: T.T5ForConditionalGeneration(
+            T.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=96, decoder_start_token_id=0)
+        ),
         "vit": lambda: T.ViTForImageClassification(
             T.ViTConfig(
                 hidden_size=32,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -208,3 +209,132 @@ def test_failed_verify_writes_nothing(llama_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(conversion, "verify_outputs", diverging)
     out = tmp_path / "out"
     _assert_refused([llama_dir, out, "--verify", "--quiet"], capsys, "--verify failed", out, out, llama_dir)
+
+
+# --- checked up front, before any planning -------------------------------------------------------
+
+
+@pytest.fixture
+def no_planning(monkeypatch):
+    """Fail the test if the conversion gets as far as planning (the checks must come first)."""
+    from lowmembp_convert.checkpoint import conversion
+
+    def planner(model, config):
+        raise AssertionError("planned before the input was checked")
+
+    monkeypatch.setattr(conversion, "_default_planner", planner)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_head_size_mismatch(verify, tmp_path, capsys, no_planning):
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=10)
+    src, out = tmp_path / "w.safetensors", tmp_path / "o.safetensors"
+    save_file(model.state_dict(), src)
+    argv = [src, out, "--arch", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 1, "img_size": 32}']
+    message = _assert_refused(argv + (["--verify"] if verify else []), capsys, "does not match", src, out, src)
+    assert "head.weight is [10, 192] in the checkpoint but [1000, 192] in the model" in message
+    assert """fix: pass --model-kwargs '{"depth": 1, "img_size": 32, "num_classes": 10}'""" in message
+
+
+def test_head_size_fix_works(tmp_path, capsys):
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=10)
+    src, out = tmp_path / "w.safetensors", tmp_path / "o.safetensors"
+    save_file(model.state_dict(), src)
+    kwargs = '{"depth": 1, "img_size": 32, "num_classes": 10}'
+    code, _, err = cli([src, out, "--arch", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--quiet"], capsys)
+    assert code in (0, 3), err  # timm's init norms are identity: nothing may be left to fold
+
+
+def test_read_only_output_parent(llama_dir, tmp_path, capsys, monkeypatch, no_planning):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != readonly and real_access(p, mode, **kw))
+    out = readonly / "out"
+    message = _assert_refused([llama_dir, out], capsys, "read-only or permission denied", out, out, llama_dir)
+    assert message.startswith(f"lowmembp-convert: error: {out}: cannot create in {readonly}")
+    assert ".lowmembp-tmp-" not in message
+    missing = readonly / "missing" / "out"
+    code, _, err = cli([llama_dir, missing], capsys)
+    assert code == 1 and not missing.parent.exists()
+    assert err.startswith(f"lowmembp-convert: error: {missing}: cannot create {missing.parent} in {readonly}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_parent_for_real(llama_dir, tmp_path, capsys, no_planning):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        out = readonly / "out"
+        _assert_refused([llama_dir, out], capsys, "read-only or permission denied", out, out, llama_dir)
+    finally:
+        readonly.chmod(0o755)
+
+
+def test_write_failure_names_ckpt_out(llama_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lowmembp_convert.checkpoint import streaming
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(streaming, "write_safetensors", disk_full)
+    out = tmp_path / "out"
+    message = _assert_refused([llama_dir, out, "--quiet"], capsys, "No space left on device", out, out, llama_dir)
+    assert message.startswith(f"lowmembp-convert: error: {out}: writing failed")
+    assert ".lowmembp-tmp-" not in message
+
+
+# --- pickles --------------------------------------------------------------------------------------
+
+
+class NotAllowed:
+    """A class a weights-only load must refuse."""
+
+
+def test_refused_pickle_names_the_global(tmp_path, capsys):
+    src, out = tmp_path / "w.pth", tmp_path / "o.pth"
+    torch.save({"state_dict": {"a": torch.zeros(2)}, "config": NotAllowed()}, src)
+    message = _assert_refused([src, out, "--arch", "vit_tiny_patch16_224"], capsys, "not a plain tensor", src, out)
+    assert f"{NotAllowed.__module__}.NotAllowed" in message
+    assert "\x1b" not in message and "weights_only=False" not in message
+    assert "lowmembp-convert never runs code from a checkpoint" in message
+
+
+def test_timm_train_checkpoint(tmp_path, capsys):
+    """timm's train.py writes model_best.pth.tar with an argparse.Namespace under 'args' (and an EMA
+    copy): it is converted; everything around the state dict comes back unchanged."""
+    import argparse
+
+    import timm
+
+    from lowmembp_convert.checkpoint.torch_file import SAFE_GLOBALS
+
+    torch.manual_seed(0)
+    kwargs = {"depth": 1, "img_size": 32, "num_classes": 10}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.uniform_(0.5, 1.5)
+    args = argparse.Namespace(model="vit_tiny_patch16_224", lr=0.001, epochs=3, model_kwargs={})
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
+    checkpoint = {"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": model.state_dict(), "args": args,
+                  "optimizer": optimizer, "version": 2, "state_dict_ema": ema, "metric": 0.5}  # fmt: skip
+    src, out = tmp_path / "model_best.pth.tar", tmp_path / "model_best_lowmembp.pth.tar"
+    torch.save(checkpoint, src)
+    argv = [src, out, "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs), "--verify"]
+    code, stdout, err = cli(argv + ["--quiet"], capsys)
+    assert code == 0, err
+    assert "carried over unconverted (another state dict in the file): 'state_dict_ema'" in stdout
+    assert "verify: passed" in stdout
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        again = torch.load(out, weights_only=True)
+    assert again["args"] == args and again["epoch"] == 3 and again["metric"] == 0.5
+    assert torch.all(again["state_dict"]["blocks.0.norm1.weight"] == 1)
+    assert torch.equal(again["state_dict_ema"]["blocks.0.norm1.weight"], ema["blocks.0.norm1.weight"])

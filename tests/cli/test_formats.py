@@ -121,3 +121,30 @@ def test_plain_state_dict_record_does_not_break_load_state_dict(tmp_path):
     out = tmp_path / "o.pth"
     save_torch_file(loaded, dict(loaded.tensors), out, {"folded": []})
     torch.nn.Linear(3, 2).load_state_dict(torch.load(out, weights_only=True))  # strict, no extra keys
+
+
+def test_torch_messages_lose_colour_codes_and_keep_the_cause():
+    import pickle
+
+    from lowmembp_convert.checkpoint.torch_file import _first_line
+
+    exc = pickle.UnpicklingError(
+        "Weights only load failed. This file can still be loaded, \x1b[1mdo those steps only if you trust it\x1b[0m.\n"
+        "\t(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed.\n"
+        "\tWeightsUnpickler error: Unsupported global: GLOBAL my.Config was not an allowed global by default."
+    )
+    assert _first_line(exc) == "Unsupported global: GLOBAL my.Config was not an allowed global by default."
+    assert _first_line(RuntimeError("\x1b[31mPytorchStreamReader failed\x1b[0m\nmore")) == "PytorchStreamReader failed"
+
+
+@pytest.mark.parametrize(
+    "name, fmt",
+    [("model_best.pth.tar", "torch"), ("ckpt.PT.TAR", "torch"), ("w.pth", "torch"), ("w.safetensors", "safetensors"),
+     (".pth", None), ("weights.tar", None), ("w.txt", None)],
+)  # fmt: skip
+def test_weight_format_by_name(name, fmt):
+    from pathlib import Path
+
+    from lowmembp_convert.checkpoint.formats import weight_format_of
+
+    assert weight_format_of(Path(name)) == fmt
