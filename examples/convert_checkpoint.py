@@ -43,7 +43,7 @@ TIMM_KWARGS = {"img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 2}
 def cli() -> list[str]:
     """The console script if installed, else the module (same code)."""
     exe = shutil.which("lowmembp-convert")
-    return [exe] if exe else [sys.executable, "-m", "lowmembp_convert.cli"]
+    return [exe] if exe else [sys.executable, "-m", "lowmembp_convert"]
 
 
 def run_cli(*args: str) -> tuple[int, dict]:

@@ -1,27 +1,45 @@
-"""lowmembp_convert: automatic LowMemoryBP rewriting for transformers and timm models.
+"""lowmembp_convert: automatic low-memory backpropagation rewriting for transformers and timm models.
 
-``model = lowmembp_convert.convert(model)`` swaps GELU/SiLU for ReGELU2/ReSiLU2 (exact forward,
-2-bit saved state) and LayerNorm/RMSNorm for memory-sharing norms whose affine is folded into the
-following Linear layers, in place. See README.md.
+``model = lowmembp_convert.convert(model)`` rewrites a model in place so that its backward keeps less
+activation memory: memory-sharing LayerNorm/RMSNorm with the affine folded into the next Linear
+layers, and per GELU/SiLU site the cheapest of an exact recompute in the consumer's backward or the
+paper's 2-bit ReGELU2/ReSiLU2. See README.md.
+
+The public names are imported on first use, so ``import lowmembp_convert`` (and the CLI's start)
+does not import torch until something needs it.
 """
 
-from .analysis import plan_conversion
-from .api import CHECKPOINT_KEY, convert
-from .config import ConvertConfig
-from .errors import CaptureError, ConversionError
-from .plan import Plan
-from .report import Report
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_WHERE = {
+    "CHECKPOINT_KEY": "api",
+    "convert": "api",
+    "plan_conversion": "analysis",
+    "ConvertConfig": "config",
+    "CaptureError": "errors",
+    "ConversionError": "errors",
+    "Plan": "plan",
+    "Report": "report",
+    "activation_memory": "memory",
+    "SavedBytes": "memory",
+}
+
 
 def __getattr__(name: str):
-    # memory measurement pulls in nothing heavy, but keep the import of the package itself minimal
-    if name in ("activation_memory", "SavedBytes"):
-        from . import memory
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lowmembp_convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(memory, name)
-    raise AttributeError(f"module 'lowmembp_convert' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
 
 
 __all__ = [

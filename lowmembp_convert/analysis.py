@@ -8,10 +8,9 @@ is captured once (``capture``) and each rewrite analyses its sites on that graph
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch.nn as nn
 
+from . import naming
 from .capture import CaptureError, capture_graph
 from .config import ConvertConfig, resolve_config
 from .detect import Detector
@@ -21,13 +20,6 @@ from .rewrites.norms import NormAnalyzer, find_norms, module_hooks
 from .rewrites.planner import plan_activations, plan_activations_without_graph
 
 __all__ = ["activation_mode", "module_hooks", "plan_conversion"]
-
-
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for name, module in model.named_modules(remove_duplicate=False):
-        names[id(module)].append(name)
-    return names
 
 
 def activation_mode(config: ConvertConfig) -> str | None:
@@ -67,7 +59,7 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         return plan
     plan.capture = f"torch.export (non-strict, fake tensors), {capture.seconds:.1f} s"
     analyzer = NormAnalyzer(model, config, capture)
-    module_names = _module_names(model)
+    module_names = naming.module_names(model)
     claimed: dict[str, str] = {}
     for fqn, module, spec in norms:
         site = analyzer.norm_site(fqn, module, spec, set(module_names[id(module)]))

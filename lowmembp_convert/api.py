@@ -16,6 +16,9 @@ import torch.nn as nn
 from . import verify as verification
 from .analysis import plan_conversion
 from .capture import CaptureError, example_inputs_for
+from .checkpoint.metadata import (
+    METADATA_KEY as CHECKPOINT_KEY,  # config.json / metadata entry of a converted checkpoint
+)
 from .config import ConvertConfig, resolve_config
 from .errors import ConversionError
 from .plan import Plan
@@ -23,7 +26,6 @@ from .report import Report
 from .rewrites.apply import apply_plan
 from .transaction import ModelSnapshot, no_side_effects
 
-CHECKPOINT_KEY = "lowmembp_convert"  # config.json / safetensors metadata entry of converted checkpoints
 REPORT_ATTR = "lowmembp_report"
 
 
@@ -85,7 +87,10 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
         before = _measure(model, inputs) if config.measure_memory and inputs is not None else None
         loaded_from = getattr(getattr(model, "config", None), CHECKPOINT_KEY, None)
         if loaded_from:
-            notes.append(f"loaded from a lowmembp-convert checkpoint ({loaded_from}); its norms are folded already")
+            from .checkpoint.metadata import describe_record
+
+            record = describe_record(loaded_from)
+            notes.append(f"loaded from a lowmembp-convert checkpoint ({record}); its norms are folded already")
         plan = plan_conversion(model, config)
         snapshot.keep_values(_edited_tensors(model, plan))
         notes += apply_plan(model, plan, untie_embeddings=config.untie_embeddings, min_abs_weight=config.min_abs_weight)

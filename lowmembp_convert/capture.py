@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CaptureError
+from .transaction import preserved_modes
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -69,29 +70,43 @@ def _names(model: nn.Module, name: str) -> bool:
         return False
 
 
-def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> ExampleInputs:
+def example_inputs_for(
+    model: nn.Module, batch: int = 2, seq_len: int = 8, seed: int = 0, flags: bool = True
+) -> ExampleInputs:
     """Build a small batch from the model's config: HF ``main_input_name`` or timm ``input_size``.
+
+    Drawn from a generator of its own (``seed``), so the global random state is never touched.
+    ``flags`` adds the keywords that make a transformers model return every hidden state and build
+    no cache (for tracing and verifying); an encoder-decoder also gets ``decoder_input_ids``.
 
     Raises:
         CaptureError: when the model says nothing about its inputs (pass ``example_inputs``).
     """
     device, dtype = _model_device_dtype(model)
+    gen = torch.Generator().manual_seed(seed)
     main = getattr(model, "main_input_name", None)
     config = getattr(model, "config", None)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
     if main == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 32
-        ids = torch.randint(0, max(1, min(int(vocab), 1000)), (batch, seq_len), device=device)
+        vocab = max(1, min(int(getattr(config, "vocab_size", None) or 32), 1000))
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
         kwargs: dict[str, Any] = {"input_ids": ids}
         if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
-            kwargs["decoder_input_ids"] = ids
-        _add_flags(model, config, kwargs)
+            decoder_len = max(1, seq_len // 2)
+            kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_len), generator=gen).to(device)
+        if flags:
+            _add_flags(model, config, kwargs)
         return (), kwargs
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         channels = getattr(config, "num_channels", 3)
-        kwargs = {"pixel_values": torch.randn(batch, channels, h, w, device=device, dtype=dtype)}
-        _add_flags(model, config, kwargs)
+        kwargs = {"pixel_values": randn(batch, channels, h, w)}
+        if flags:
+            _add_flags(model, config, kwargs)
         return (), kwargs
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:
@@ -106,7 +121,7 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq_len: int = 8) -> Ex
             if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(v, int) for v in img_size):
                 h, w = img_size
                 break
-        return (torch.randn(batch, channels, h, w, device=device, dtype=dtype),), {}
+        return (randn(batch, channels, h, w),), {}
     raise CaptureError(
         f"cannot build example inputs for {type(model).__name__}: it has neither a transformers "
         "`main_input_name` ('input_ids'/'pixel_values') nor a timm `pretrained_cfg['input_size']`; "
@@ -228,7 +243,6 @@ def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None)
         _add_flags(model, getattr(model, "config", None), kwargs, force=True)
     else:
         args, kwargs = example_inputs_for(model)
-    modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
     wrap = (
         not kwargs
@@ -238,15 +252,12 @@ def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None)
     nested = _nested_models(model)
     wrapped = wrap or bool(nested)
     try:
-        model.train()
-        target = _EveryOutput(model, wrap, nested) if wrapped else model
-        with every_output_requested(model):
+        with preserved_modes(model), every_output_requested(model):
+            model.train()
+            target = _EveryOutput(model, wrap, nested) if wrapped else model
             program = torch.export.export(target, tuple(args), dict(kwargs), strict=False)
     except Exception as exc:  # any tracing failure is reported, never guessed around
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if wrapped:
         params = _strip_prefix(program, "model.")
     else:

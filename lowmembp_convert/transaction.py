@@ -72,6 +72,17 @@ class ModelSnapshot:
                 tensor.copy_(value.to(tensor.device))
 
 
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag is put back on exit (``model.train(x)`` sets them all)."""
+    modes = {m: m.training for m in _unique_modules(model)}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 @dataclass(frozen=True)
 class RandomState:
     """The state of every generator a forward may draw from (torch CPU and CUDA, Python, NumPy)."""
@@ -112,13 +123,13 @@ def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iter
     Yields the random state the block starts from.
     """
     before = RandomState.capture()
-    modes = {m: m.training for m in _unique_modules(model)}
     holders = [(m, dict(m._buffers)) for m in _unique_modules(model)]
     values = [(b, b.detach().clone()) for _m, bufs in holders for b in bufs.values() if b is not None]
     if replay is not None:
         replay.restore()
     try:
-        yield replay or before
+        with preserved_modes(model):
+            yield replay or before
     finally:
         for module, buffers in holders:
             module._buffers.clear()
@@ -127,6 +138,4 @@ def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iter
             for buffer, value in values:
                 if buffer.device.type != "meta":
                     buffer.copy_(value)
-        for module, training in modes.items():
-            module.training = training
         before.restore()

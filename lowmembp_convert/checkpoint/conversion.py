@@ -58,12 +58,8 @@ DEFAULT_MIN_ABS_WEIGHT = 1e-3  # ConvertConfig's default, if this build's config
 
 
 def _default_planner(model, config: ConvertConfig) -> Plan:
-    try:
-        from .. import plan_conversion
-    except ImportError as exc:  # the analysis is not installed in this build
-        raise CheckpointError(
-            "lowmembp_convert", "this build has no plan_conversion", "install a complete lowmembp_convert"
-        ) from exc
+    from ..analysis import plan_conversion
+
     return plan_conversion(model, config)
 
 

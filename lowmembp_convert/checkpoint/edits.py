@@ -22,6 +22,7 @@ import torch
 
 from ..plan import ConsumerLayout, NormSite, Plan
 from ..rewrites.folding import fold_affine_into
+from ..rewrites.norms import is_identity_affine, weight_guard
 from .errors import CheckpointError
 from .load import KeyMap
 from .store import FOLDABLE_DTYPES, TensorStore
@@ -209,58 +210,9 @@ def _is_identity(site: NormSite, keymap: KeyMap, store: TensorStore) -> bool:
 
     The analysis cannot tell on a meta-device skeleton, so the (small) norm vectors are read here.
     """
-    checked = False
-    if site.weight:
-        weight = store.get(_key(keymap, store, site.weight, "norm weight")).to(torch.float64)
-        if not torch.all(weight + site.weight_offset == 1):
-            return False
-        checked = True
-    if site.bias:
-        if torch.any(store.get(_key(keymap, store, site.bias, "norm bias")) != 0):
-            return False
-        checked = True
-    return checked
-
-
-# the analysis' bound on 1 + |bias| / |weight| for a norm that keeps its affine (see analysis._weight_guard)
-DEFAULT_MAX_RECOVERY_AMPLIFICATION = 8.0
-
-
-def _max_amplification() -> float:
-    try:
-        from ..analysis import MAX_RECOVERY_AMPLIFICATION
-    except ImportError:
-        return DEFAULT_MAX_RECOVERY_AMPLIFICATION
-    return float(MAX_RECOVERY_AMPLIFICATION)
-
-
-def weight_guard(weight: torch.Tensor, bias: torch.Tensor | None, offset: float, min_abs_weight: float) -> str:
-    """Why keeping a norm's affine would make its backward inexact, or "" when it is safe.
-
-    The same rules, and words, as the analysis applies to a model with real weights: backward
-    recovers x_hat = (y - b) / w, so a tiny |w| (below ``min_abs_weight``), or a bias large next to
-    it (rounding amplified more than ``MAX_RECOVERY_AMPLIFICATION`` times), leaves the norm as is.
-    """
-    scale = (weight.to(torch.float64) + offset).abs()
-    if scale.numel() == 0:
-        return ""
-    smallest = scale.min().item()
-    if smallest < min_abs_weight:
-        return (
-            f"keeping the affine would divide by |weight| = {smallest:.2e} in backward "
-            f"(< min_abs_weight={min_abs_weight}); left unconverted"
-        )
-    if bias is None:
-        return ""
-    amplification = (1 + bias.to(torch.float64).abs() / scale).max().item()
-    if amplification > _max_amplification():
-        saved = "float16" if weight.dtype == torch.float16 else "bfloat16"
-        return (
-            f"keeping the affine would recover x_hat = (y - bias) / weight with up to {amplification:.0f}x the "
-            f"rounding error of a {saved} output (|bias| / |weight| up to {amplification - 1:.3g}); "
-            "left unconverted, so its gradients stay exact"
-        )
-    return ""
+    weight = store.get(_key(keymap, store, site.weight, "norm weight")) if site.weight else None
+    bias = store.get(_key(keymap, store, site.bias, "norm bias")) if site.bias else None
+    return is_identity_affine(weight, bias, site.weight_offset)
 
 
 def apply_weight_guard(plan: Plan, keymap: KeyMap, store: TensorStore, min_abs_weight: float) -> list[str]:

@@ -204,10 +204,9 @@ def sync_timm_input_size(model: nn.Module, kwargs: dict[str, Any]) -> None:
 
 def tied_groups(model: nn.Module) -> dict[str, list[str]]:
     """For every parameter shared under several names: name -> all its names (itself included)."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), []).append(name)
-    return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
+    from ..naming import param_names
+
+    return {name: names for names in param_names(model).values() if len(names) > 1 for name in names}
 
 
 @dataclass(frozen=True)

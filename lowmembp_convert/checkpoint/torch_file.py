@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .metadata import METADATA_KEY
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _REDO = "re-save it with torch.save(model.state_dict(), path) or download it again"
@@ -139,7 +140,7 @@ def save_torch_file(
     meta = getattr(source.tensors, "_metadata", None)
     new_meta = OrderedDict(meta) if meta is not None else OrderedDict()
     if record is not None:
-        new_meta["lowmembp_convert"] = record
+        new_meta[METADATA_KEY] = record
     if new_meta:
         out._metadata = new_meta  # type: ignore[attr-defined]
     if source.wrapper_key is None:
@@ -153,5 +154,5 @@ def save_torch_file(
 def read_torch_record(tensors: dict[str, torch.Tensor]) -> dict | None:
     """The conversion record of a state dict written by :func:`save_torch_file`, if any."""
     meta = getattr(tensors, "_metadata", None)
-    record = meta.get("lowmembp_convert") if isinstance(meta, dict) else None
+    record = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
     return record if isinstance(record, dict) else None

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..capture import example_inputs_for
+from ..verify import first_tensor
 from .formats import CheckpointLayout
 from .load import MetaModel, load_transformers_config, sync_timm_input_size
 from .torch_file import load_torch_file
@@ -66,27 +68,9 @@ def _load(meta: MetaModel, layout: CheckpointLayout, path: Path, seed: int) -> n
 
 
 def example_batch(model: nn.Module, seed: int, batch: int = 2, seq_len: int = 16) -> dict[str, Any]:
-    """A seeded random batch for a transformers or timm model (keyword ``x`` for timm).
-
-    An encoder-decoder (T5, BART...) gets ``decoder_input_ids`` too: its forward needs them.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    config = getattr(model, "config", None)
-    main = getattr(model, "main_input_name", None)
-    if main == "input_ids":
-        vocab = int(getattr(config, "vocab_size", 32) or 32)
-        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=gen)}
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(1, seq_len // 2)), generator=gen)
-        return inputs
-    if main == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        channels = int(getattr(config, "num_channels", 3))
-        return {"pixel_values": torch.randn(batch, channels, h, w, generator=gen)}
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, h, w = cfg.get("input_size", (3, 224, 224))
-    return {"x": torch.randn(batch, channels, h, w, generator=gen)}
+    """A seeded random batch as keywords (``x`` for timm): the one builder ``convert()`` uses too."""
+    args, kwargs = example_inputs_for(model, batch=batch, seq_len=seq_len, seed=seed, flags=False)
+    return {"x": args[0], **kwargs} if args else kwargs
 
 
 @contextmanager
@@ -109,15 +93,10 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-        if isinstance(v, (tuple, list)):
-            return _first_tensor(v)
-    raise RuntimeError("model returned no tensor")
+    found = first_tensor(out)
+    if found is None:
+        raise RuntimeError("model returned no tensor")
+    return found
 
 
 def verify_outputs(

@@ -22,14 +22,8 @@ from ..config import ConvertConfig
 from ..detect import Detector, NormSpec, is_converted, takes_one_tensor
 from ..graph_calls import call_inputs, is_no_op_alias, module_calls
 from ..graph_walk import WalkResult, walk_from
+from ..naming import param_names
 from ..plan import Consumer, NormSite, Plan
-
-
-def _param_names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names[id(param)].append(name)
-    return names
 
 
 def selected(config: ConvertConfig, module: nn.Module, fqn: str) -> bool:
@@ -93,7 +87,7 @@ class NormAnalyzer:
         self.model = model
         self.config = config
         self.capture = capture
-        self.param_names = _param_names(model)
+        self.param_names = param_names(model)
         # Placeholders of parameters grouped by the storage they live in: two Parameter objects over
         # one storage (or one Parameter under two names) are one tensor to a fold.
         self.placeholders_of_storage: dict[object, list[fx.Node]] = defaultdict(list)
@@ -311,48 +305,62 @@ class NormAnalyzer:
         return site
 
     def _is_identity(self, module: nn.Module, spec: NormSpec) -> bool:
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        tensors = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
-        if any(t.device.type == "meta" for t in tensors):
-            return False
-        with torch.no_grad():
-            if spec.has_weight and not torch.all(weight + spec.weight_offset == 1):
-                return False
-            if spec.has_bias and torch.any(bias != 0):
-                return False
-        return spec.has_weight or spec.has_bias
+        weight = getattr(module, "weight", None) if spec.has_weight else None
+        bias = getattr(module, "bias", None) if spec.has_bias else None
+        return is_identity_affine(weight, bias, spec.weight_offset)
 
     def _weight_guard(self, module: nn.Module, spec: NormSpec) -> str:
-        """Why keeping the affine would make backward inexact, or "" when it is safe.
-
-        Backward recovers x_hat = (y - b) / w from the saved output y. Rounding y costs x_hat an
-        error of u * (|w x_hat| + |b|) / |w| per channel (u: unit roundoff of the saved dtype), so
-        the recovery amplifies the rounding the stock norm would have by 1 + |b| / |w| (for
-        |x_hat| ~ 1). Assume the saved dtype is the autocast one (bfloat16 for a float32 or bfloat16
-        model, float16 for float16): the common mixed-precision case is also the strictest.
-        """
         weight = getattr(module, "weight", None) if spec.has_weight else None
         if weight is None or weight.device.type == "meta":
             return ""
-        scale = (weight.detach().double() + spec.weight_offset).abs()
-        smallest = scale.min().item()
-        if smallest < self.config.min_abs_weight:
-            return (
-                f"keeping the affine would divide by |weight| = {smallest:.2e} in backward "
-                f"(< min_abs_weight={self.config.min_abs_weight}); left unconverted"
-            )
         bias = getattr(module, "bias", None) if spec.has_bias else None
-        if bias is None or bias.device.type == "meta":
-            return ""
-        amplification = (1 + bias.detach().double().abs() / scale).max().item()
-        if amplification > MAX_RECOVERY_AMPLIFICATION:
-            saved = "float16" if weight.dtype == torch.float16 else "bfloat16"
-            return (
-                f"keeping the affine would recover x_hat = (y - bias) / weight with up to {amplification:.0f}x the "
-                f"rounding error of a {saved} output (|bias| / |weight| up to {amplification - 1:.3g}); "
-                "left unconverted, so its gradients stay exact"
-            )
+        if bias is not None and bias.device.type == "meta":
+            bias = None
+        return weight_guard(weight.detach(), bias, spec.weight_offset, self.config.min_abs_weight)
+
+
+def is_identity_affine(weight: torch.Tensor | None, bias: torch.Tensor | None, offset: float) -> bool:
+    """True when the affine is the identity already (scale ``weight + offset`` all 1, shift all 0): a
+    norm of a converted checkpoint. False on the meta device (nothing to read) and with no affine."""
+    tensors = [t for t in (weight, bias) if t is not None]
+    if not tensors or any(t.device.type == "meta" for t in tensors):
+        return False
+    with torch.no_grad():
+        if weight is not None and not torch.all(weight.to(torch.float64) + offset == 1):
+            return False
+        return bias is None or not torch.any(bias != 0)
+
+
+def weight_guard(weight: torch.Tensor, bias: torch.Tensor | None, offset: float, min_abs_weight: float) -> str:
+    """Why keeping a norm's affine would make its backward inexact, or "" when it is safe.
+
+    Backward recovers x_hat = (y - b) / w from the saved output y. Rounding y costs x_hat an error of
+    u * (|w x_hat| + |b|) / |w| per channel (u: unit roundoff of the saved dtype), so the recovery
+    amplifies the rounding the stock norm would have by 1 + |b| / |w| (for |x_hat| ~ 1). The saved
+    dtype is taken to be the autocast one (bfloat16 for a float32 or bfloat16 model, float16 for
+    float16): the common mixed-precision case is also the strictest. Used by ``convert()`` and by the
+    checkpoint CLI (on the small norm vectors it reads), so both decide alike.
+    """
+    scale = (weight.detach().to(torch.float64) + offset).abs()
+    if scale.numel() == 0:
         return ""
+    smallest = scale.min().item()
+    if smallest < min_abs_weight:
+        return (
+            f"keeping the affine would divide by |weight| = {smallest:.2e} in backward "
+            f"(< min_abs_weight={min_abs_weight}); left unconverted"
+        )
+    if bias is None:
+        return ""
+    amplification = (1 + bias.detach().to(torch.float64).abs() / scale).max().item()
+    if amplification > MAX_RECOVERY_AMPLIFICATION:
+        saved = "float16" if weight.dtype == torch.float16 else "bfloat16"
+        return (
+            f"keeping the affine would recover x_hat = (y - bias) / weight with up to {amplification:.0f}x the "
+            f"rounding error of a {saved} output (|bias| / |weight| up to {amplification - 1:.3g}); "
+            "left unconverted, so its gradients stay exact"
+        )
+    return ""
 
 
 def _caller(node: fx.Node) -> str | None:

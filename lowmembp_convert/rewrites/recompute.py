@@ -29,6 +29,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..graph_calls import call_inputs, module_calls
 from ..ops.recompute import act_linear
+from ..transaction import preserved_modes
 
 aten = torch.ops.aten
 OPTIONS = ("stock", "recompute", "approx")  # tie order: exact and untouched first
@@ -302,12 +303,9 @@ def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]
     try:
         graph = _trace(container)
         code = graph.python_code("self").src
-        mode = container.training
-        container.train(not mode)
-        try:
+        with preserved_modes(container):
+            container.train(not container.training)
             other = _trace(container).python_code("self").src
-        finally:
-            container.train(mode)
     except Exception as exc:  # any tracing failure: this container stays as it is
         return None, f"{type(container).__name__}.forward cannot be traced by torch.fx ({type(exc).__name__})"
     if code != other:

@@ -202,3 +202,14 @@ def test_bfloat16_models_are_judged_at_bfloat16_rounding() -> None:
     x = (_x()[0][0].to(torch.bfloat16),)
     convert(model, example_inputs=(x, {}))  # default tolerance: no false alarm
     assert any(n.startswith("verified:") for n in model.lowmembp_report.notes)
+
+
+def test_default_example_inputs_leave_the_global_rng_alone() -> None:
+    """Without example_inputs convert() builds its own batch (verify): from a private generator."""
+    from tiny_zoo import FAMILIES
+
+    model = FAMILIES["llama"].make()
+    rng = torch.get_rng_state()
+    convert(model)
+    assert any(n.startswith("verified:") for n in model.lowmembp_report.notes)
+    assert torch.equal(torch.get_rng_state(), rng)
