@@ -3,7 +3,9 @@
 The converter swaps a model's LayerNorm / RMSNorm for one of these. With the affine folded into the
 consumers (plan action ``fold``) the module emits x_hat (plus a kept bias); with ``keep_affine`` it
 applies the original Parameters itself. Either way backward saves only the output y (shared with
-the consumer) and rstd.
+the consumer) and rstd. A post-norm norm under autocast (``autocast_twin``) keeps its output in full
+precision for the residual and saves the output's autocast-dtype twin instead of y, which the
+consumer ``nn.linear.TwinLinear`` layers read rather than each saving a cast of their own.
 
 State dict compatibility: a folded affine is not dropped but kept as a persistent buffer under the
 same name holding the identity value, so a converted checkpoint has the stock module's keys and,
@@ -16,12 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowmembp_convert.ops.norm_twin import ms_norm_with_twin
+from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd
 from lowmembp_convert.ops.norms import ms_layer_norm, ms_rms_norm
 
 __all__ = ["MSLayerNorm", "MSRMSNorm"]
-
-_TWIN_ATTR = "_lowmembp_twin"
 
 
 class _MSNorm(nn.Module):
@@ -40,6 +40,7 @@ class _MSNorm(nn.Module):
         weight_offset: float = 0.0,
         channel_dim: int = -1,
         autocast_output: bool = False,
+        autocast_twin: bool = False,
         min_abs_weight: float = 0.0,
     ) -> None:
         """Args:
@@ -55,6 +56,9 @@ class _MSNorm(nn.Module):
         channel_dim: the normalized dim of the input: -1, or 1 for NCHW (LayerNorm2d-style).
         autocast_output: under autocast, emit the autocast dtype (every consumer casts to it
             anyway, and emitting it spares the consumer a saved cast copy).
+        autocast_twin: post-norm under autocast (the output stays in the input dtype for the
+            residual): also make the output's autocast-dtype twin and save it instead of the output,
+            for the consumer ``TwinLinear``s to read (see ``ops/norm_twin.py``).
         min_abs_weight: with a kept weight, backward divides by ``weight + weight_offset``; a
             training step in which any |weight + weight_offset| is below this raises (on a GPU as a
             device-side assert) instead of returning gradients divided by nearly zero.
@@ -67,36 +71,21 @@ class _MSNorm(nn.Module):
         self.weight_offset = float(weight_offset)
         self.channel_dim = int(channel_dim)
         self.autocast_output = bool(autocast_output)
+        self.autocast_twin = bool(autocast_twin)
         self.affine_weight = bool(affine_weight)
         self.affine_bias = bool(affine_bias)
         identity_weight = 1.0 - self.weight_offset  # ones, or zeros for (1 + w) norms
         self._register_affine("weight", weight, self.affine_weight, identity_weight)
         self._register_affine("bias", bias, self.affine_bias, 0.0)
-        # Post-norm under autocast: consumers registered with `feed_twin_to` get the low-precision
-        # twin of the output (see ops/norm_twin.py). The twin rides on the output tensor itself as
-        # an attribute, so it lives exactly as long as the output does: nothing outlives a step.
-        self.autocast_twin = False
 
-    def feed_twin_to(self, consumer: nn.Module) -> None:
-        """Make ``consumer`` (a Linear fed this norm's output) read the autocast-dtype twin."""
-        self.autocast_twin = True
-        consumer.register_forward_pre_hook(self._substitute_twin)
-
-    def _substitute_twin(self, _consumer: nn.Module, args: tuple):
-        if not args or torch.compiler.is_compiling():
+    def _twin_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The autocast dtype when this call should make the twin (post-norm, autocast, training)."""
+        if not (self.autocast_twin and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)):
             return None
-        twin = getattr(args[0], _TWIN_ATTR, None)
-        if twin is not None and torch.is_autocast_enabled(twin.device.type):
-            return (twin, *args[1:])
-        return None
-
-    def _wants_twin(self, x: torch.Tensor) -> bool:
-        return (
-            self.autocast_twin
-            and torch.is_grad_enabled()
-            and torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling()
-        )
+        if not (x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))):
+            return None  # no autograd node to keep the twin
+        low = torch.get_autocast_dtype(x.device.type)
+        return None if x.dtype in (low, torch.float64) else low  # autocast casts neither
 
     def _register_affine(self, name: str, tensor: torch.Tensor | None, used: bool, identity: float) -> None:
         cls = type(self).__name__
@@ -171,12 +160,16 @@ class _MSNorm(nn.Module):
         moved = self.channel_dim not in (-1, x.dim() - 1)
         if moved:
             x = x.movedim(self.channel_dim, -1)
-        if self._wants_twin(x) and not moved:
+        low = None if moved else self._twin_dtype(x)
+        if low is not None:
             weight = self.weight if self.affine_weight else None
             bias = self.bias if self.affine_bias else None
-            low = torch.get_autocast_dtype(x.device.type)
-            y, twin = ms_norm_with_twin(x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low)
-            setattr(y, _TWIN_ATTR, twin)
+            # Eager: the twin is saved by the op's autograd node, where the consumer TwinLinears find
+            # it. Compiled: the saved twin is a graph cast of y, merged (CSE) with the consumers' casts.
+            twin_output = not torch.compiler.is_compiling()
+            y, _twin, _rstd = ms_norm_twin_fwd(
+                x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output
+            )
             return y
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(x.device.type):
@@ -200,13 +193,15 @@ class _MSNorm(nn.Module):
         return (
             f"{self.normalized_size}, eps={eps}, mode={mode}, weight_offset={self.weight_offset:g}, "
             f"channel_dim={self.channel_dim}, autocast_output={self.autocast_output}"
+            + (", autocast_twin=True" if self.autocast_twin else "")
         )
 
 
 class MSLayerNorm(_MSNorm):
     """Memory-sharing LayerNorm over one dim (last, or ``channel_dim``). See :class:`_MSNorm`.
 
-    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row.
+    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row;
+    with ``autocast_twin`` under autocast, y's autocast-dtype twin instead of y.
     """
 
     _rms = False
@@ -215,7 +210,8 @@ class MSLayerNorm(_MSNorm):
 class MSRMSNorm(_MSNorm):
     """Memory-sharing RMSNorm over one dim (last, or ``channel_dim``). See :class:`_MSNorm`.
 
-    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row.
+    Saved for backward: the output y (the returned tensor's storage) and rstd, one float32 per row;
+    with ``autocast_twin`` under autocast, y's autocast-dtype twin instead of y.
     """
 
     _rms = True

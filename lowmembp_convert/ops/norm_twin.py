@@ -1,40 +1,126 @@
 """Post-norm blocks under autocast: one saved low-precision tensor for the norm and its Linears.
 
 In a post-norm block (BERT, RoBERTa) the norm output y feeds a residual add, which must stay in
-full precision, and Linear layers, which autocast feeds a new bf16 cast of y that they save. Stock,
-that is two saved tensors (the norm's input and the cast); a memory-sharing norm emitting y in full
-precision would still leave two. ``ms_norm_with_twin`` returns y and its autocast-dtype twin (the
-very cast autocast would have made, so forward values are unchanged), saves the twin and rstd only,
-and the converter points the consumer Linears at the twin: one bf16 tensor, as in a pre-norm block.
-Backward receives the gradients of both outputs and adds them.
+full precision, and Linear layers, which under autocast each save a new low-precision cast of y.
+Stock, that is two saved tensors (the norm's input and the cast); a memory-sharing norm that saves
+y in full precision would still leave two. Here the norm and its Linears keep one tensor, the
+*twin* ``y.to(autocast dtype)``: the very cast autocast would have made, so forward values are
+unchanged, and backward rebuilds x_hat from it at the precision autocast gives the Linears anyway.
+
+Custom ops:
+
+- ``lowmembp::ms_norm_twin_fwd`` (x, weight, bias, ...) -> (y, twin, rstd): the memory-sharing norm
+  that also returns the twin. Saved for backward: the twin, rstd and the parameters, not y. Backward
+  adds the gradients of y and of the twin.
+- ``lowmembp::linear_on_twin`` (input, twin, weight, bias) -> out: ``F.linear(input)`` as autocast
+  computes it, given ``twin == input.to(twin.dtype)``. It reads and saves ``twin`` instead of making
+  its own cast, and sends the input gradient to ``input`` (whatever autograd path led there). Its
+  backward is one more op, ``lowmembp::linear_on_twin_bwd``.
+
+How the twin reaches the Linear (:func:`autocast_twin_of`, called by ``nn.linear.TwinLinear``): the
+module graph only carries y, so the Linear finds the twin where autograd keeps it. Its input is y or
+a view of y (``input._base``); y's ``grad_fn`` is this norm's autograd node, whose saved tensors hold
+the twin; ``twin.as_strided`` with the input's own sizes, strides and offset is exactly
+``input.to(low)``. Nothing is stored on tensors or modules and no hook is installed: the twin lives
+exactly as long as autograd holds it, and any view chain works (reshape, transpose, slicing). The
+node records y's version, so a y modified in place after the norm is never paired with a stale twin.
+
+Under ``torch.compile`` there are no autograd nodes to look into, and none are needed: the norm op
+is called with ``twin_output=False`` (it returns an empty twin; its autograd saves ``y.to(low)``, cast
+outside the opaque op), and the Linear takes ``view(y.to(low))``, replaying its input's view chain on
+the cast of the base. After AOTAutograd's CSE both casts are one graph node, and the partitioner
+saves that one low-precision tensor (tests/ops/test_norm_twin.py measures it).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .norms import grads_from_output, ms_norm_fwd, refuse_double_backward
 
+__all__ = ["autocast_twin_of", "linear_on_twin", "linear_on_twin_bwd", "ms_norm_twin_fwd", "ms_norm_with_twin"]
 
-class _MSNormTwin(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, weight_offset, rms, low_dtype):
-        y, rstd = ms_norm_fwd(x, weight, bias, eps, weight_offset, rms, None)
-        twin = y.to(low_dtype)
-        # Saved: the twin (shared with the consumer Linears), rstd, and the parameters. Not y.
-        ctx.save_for_backward(twin, rstd, weight, bias)
-        ctx.weight_offset, ctx.rms, ctx.x_dtype = weight_offset, rms, x.dtype
-        return y, twin
+# Attribute of the twin norm's autograd node (its ctx): y's version counter when the twin was made.
+# Its presence marks the node as one whose first saved tensor is the twin of its first output.
+_TWIN_VERSION = "lowmembp_twin_of_version"
 
-    @staticmethod
-    def backward(ctx, dy: Tensor | None, dtwin: Tensor | None):
-        refuse_double_backward(next(g for g in (dy, dtwin) if g is not None))
-        twin, rstd, weight, bias = ctx.saved_tensors
-        grads = [g.float() for g in (dy, dtwin) if g is not None]
-        g = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-        dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, weight, bias)
-        return dx, dweight, dbias, None, None, None, None
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# The norm that returns its twin
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowmembp::ms_norm_twin_fwd", mutates_args=())
+def ms_norm_twin_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    rms: bool,
+    low_dtype: torch.dtype,
+    twin_output: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Memory-sharing norm over the last dim that also returns y's low-precision twin.
+
+    Args:
+        x, weight, bias, eps, weight_offset, rms: as for ``lowmembp::ms_norm_fwd``.
+        low_dtype: dtype of the twin (the autocast dtype); must differ from ``x.dtype``.
+        twin_output: True (eager): return ``twin = y.to(low_dtype)`` and save it for backward.
+            False (torch.compile): return an empty ``[0]`` twin and save ``y.to(low_dtype)`` made
+            outside the op, a graph node the consumer Linears' own casts of y merge with (CSE).
+
+    Returns (y, twin, rstd): y in ``x.dtype``, contiguous and not a view (consumers find the twin
+    through ``view._base``); twin in ``low_dtype``; rstd as for ``ms_norm_fwd``.
+    Saved for backward: the twin, rstd, weight and bias; not y.
+    """
+    if low_dtype == x.dtype:
+        raise ValueError(f"ms_norm_twin_fwd: low_dtype must differ from x.dtype ({x.dtype}); use ms_norm_fwd")
+    y, rstd = ms_norm_fwd(x, weight, bias, eps, weight_offset, rms, None)
+    # ms_norm_fwd returns a view of its row-major buffer; this output must be a base of its own
+    y = torch.ops.aten._unsafe_view.default(y, x.shape)
+    twin = y.to(low_dtype) if twin_output else x.new_empty((0,), dtype=low_dtype)
+    return y, twin, rstd
+
+
+@ms_norm_twin_fwd.register_fake
+def _(x, weight, bias, eps, weight_offset, rms, low_dtype, twin_output):
+    y = x.new_empty(x.shape)
+    twin = x.new_empty(x.shape if twin_output else (0,), dtype=low_dtype)
+    return y, twin, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+
+
+def _twin_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _eps, weight_offset, rms, low_dtype, twin_output = inputs
+    y, twin, rstd = output
+    # Saved: the twin (shared with the consumer Linears), rstd and the parameters. Not y.
+    # Under compile the cast made here is a forward graph node, the same (after CSE) as the consumers'.
+    ctx.save_for_backward(twin if twin_output else y.to(low_dtype), rstd, weight, bias)
+    ctx.weight_offset, ctx.rms, ctx.x_dtype, ctx.twin_output = weight_offset, rms, x.dtype, twin_output
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+    if twin_output:
+        setattr(ctx, _TWIN_VERSION, y._version)
+
+
+def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, _drstd: Tensor | None):
+    grads = [g for g in (dy, dtwin if ctx.twin_output else None) if g is not None]
+    if not grads:
+        return (None,) * 8
+    refuse_double_backward(grads[0])
+    twin, rstd, weight, bias = ctx.saved_tensors
+    g = grads[0].float() if len(grads) == 1 else grads[0].float() + grads[1].float()
+    dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, weight, bias)
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+ms_norm_twin_fwd.register_autograd(_twin_backward, setup_context=_twin_setup_context)
 
 
 def ms_norm_with_twin(
@@ -51,4 +137,132 @@ def ms_norm_with_twin(
     Saved for backward: the twin ``y.to(low_dtype)`` and rstd (plus weight/bias), not y. Backward
     rebuilds x_hat from the twin, so gradients carry the twin's precision (that of autocast).
     """
-    return _MSNormTwin.apply(x, weight, bias, float(eps), float(weight_offset), bool(rms), low_dtype)
+    y, twin, _rstd = ms_norm_twin_fwd(x, weight, bias, float(eps), float(weight_offset), bool(rms), low_dtype, True)
+    return y, twin
+
+
+# --------------------------------------------------------------------------------------------------
+# The Linear that reads the twin
+# --------------------------------------------------------------------------------------------------
+
+
+def _cast_layout(twin: Tensor) -> Tensor:
+    """``twin`` laid out as autocast's cast of the input would be (``_to_copy`` keeps the strides
+    of a dense input, else makes it contiguous), so F.linear sees the same operand bit for bit."""
+    if torch.empty_like(twin, device="meta").stride() == twin.stride():
+        return twin
+    return twin.clone(memory_format=torch.preserve_format)
+
+
+@torch.library.custom_op("lowmembp::linear_on_twin", mutates_args=())
+def linear_on_twin(input: Tensor, twin: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` under autocast, computed from a ready low-precision copy of the input.
+
+    Args:
+        input: the Linear's input [..., in] (the norm output y or a view of it); only its gradient
+            edge, dtype and shape are used.
+        twin: ``input.to(low)``, equal to it element for element (any strides; typically a view of
+            the norm's saved twin). Its dtype is the compute dtype.
+        weight: [out, in], any float dtype; cast to ``twin.dtype`` as autocast does.
+        bias: [out] or None; cast likewise.
+
+    Returns ``F.linear(twin, weight.to(low), bias.to(low))`` in ``twin.dtype``: autocast's result.
+    Saved for backward: ``twin`` (shared with the norm) and ``weight`` (a parameter), not input and
+    not a low-precision weight copy (backward casts it again).
+    """
+    low = twin.dtype
+    with torch.autocast(twin.device.type, enabled=False):
+        return F.linear(_cast_layout(twin), weight.to(low), None if bias is None else bias.to(low))
+
+
+@linear_on_twin.register_fake
+def _(input, twin, weight, bias):
+    return twin.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lowmembp::linear_on_twin_bwd", mutates_args=())
+def linear_on_twin_bwd(
+    dout: Tensor,
+    twin: Tensor,
+    weight: Tensor,
+    input_dtype: torch.dtype,
+    bias_dtype: torch.dtype | None,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`linear_on_twin`: autocast's linear formulas (mm on 2-D rows, in the twin's
+    dtype), each result cast back as autocast's casts are: (dinput in ``input_dtype``, dweight in
+    weight's dtype, dbias in ``bias_dtype``); a gradient not asked for (or no bias) is ``[0]``.
+
+    One opaque op, so a compiled graph keeps the twin itself for it, not a reshaped copy of a view.
+    """
+    low = twin.dtype
+    dout2d = dout.reshape(-1, dout.shape[-1]).to(low)
+    # custom op outputs may not alias one another: a fresh [0] tensor for each gradient not asked for
+    dinput, dweight, dbias = (dout.new_empty((0,)) for _ in range(3))
+    if need_input:
+        dinput = dout2d.mm(weight.to(low)).view(*twin.shape[:-1], weight.shape[1]).to(input_dtype)
+    if need_weight:
+        # (x^T dout)^T, the product autocast's mm backward forms; laid out [out, in] as the weight
+        dweight = twin.reshape(-1, twin.shape[-1]).t().mm(dout2d).t().to(weight.dtype).contiguous()
+    if bias_dtype is not None:
+        dbias = dout2d.sum(0).to(bias_dtype)
+    return dinput, dweight, dbias
+
+
+@linear_on_twin_bwd.register_fake
+def _(dout, twin, weight, input_dtype, bias_dtype, need_input, need_weight):
+    dinput = twin.new_empty(twin.shape[:-1] + (weight.shape[1],), dtype=input_dtype) if need_input else None
+    dweight = weight.new_empty(weight.shape) if need_weight else None
+    dbias = dout.new_empty((dout.shape[-1],), dtype=bias_dtype) if bias_dtype is not None else None
+    return tuple(dout.new_empty((0,)) if t is None else t for t in (dinput, dweight, dbias))
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    input, twin, weight, bias = inputs
+    ctx.save_for_backward(twin, weight)
+    ctx.input_dtype = input.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, dout: Tensor):
+    refuse_double_backward(dout)
+    twin, weight = ctx.saved_tensors
+    need_input, _, need_weight, need_bias = ctx.needs_input_grad
+    bias_dtype = ctx.bias_dtype if need_bias else None
+    dinput, dweight, dbias = linear_on_twin_bwd(
+        dout, twin, weight, ctx.input_dtype, bias_dtype, need_input, need_weight
+    )
+    return (dinput if need_input else None), None, (dweight if need_weight else None), (dbias if need_bias else None)
+
+
+linear_on_twin.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def autocast_twin_of(input: Tensor, low_dtype: torch.dtype) -> Tensor | None:
+    """``input.to(low_dtype)`` as a view of a twin that autograd already keeps, or None.
+
+    Eager: when ``input`` is (a view of) the y of a live ``ms_norm_twin_fwd`` node, unchanged since,
+    returns the node's saved twin viewed with the input's sizes, strides and offset; otherwise None
+    (the caller falls back to the stock cast). Under torch.compile: the cast of the input's base with
+    the input's view chain replayed on it (or the input's own cast when it is not a view), which the
+    compiled graph merges with the cast of y that the norm's autograd saves.
+    """
+    base = input._base
+    if torch.compiler.is_compiling():
+        if base is None or base.dtype != input.dtype:
+            return input.to(low_dtype)
+        return input._view_func_unsafe(base.to(low_dtype))
+    base = input if base is None else base
+    node = base.grad_fn
+    version = getattr(node, _TWIN_VERSION, None)
+    if version is None or version != input._version or base.dtype != input.dtype:
+        return None
+    try:
+        twin = node.saved_tensors[0]
+    except RuntimeError:  # a backward already freed the graph
+        return None
+    if twin.dtype != low_dtype or twin.shape != base.shape or not (twin.is_contiguous() and base.is_contiguous()):
+        return None
+    offset = input.storage_offset() - base.storage_offset()
+    return twin.detach().as_strided(input.size(), input.stride(), offset)

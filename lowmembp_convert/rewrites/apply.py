@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
+from ..nn.linear import TwinLinear
 from ..nn.norms import MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
 from .folding import fold_affine_into
+from .norms import module_hooks
 from .recompute import rewrite_container
 
 
@@ -67,10 +68,13 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
 
 
 def _shared_param_ids(model: nn.Module) -> set[int]:
-    return {pid for pid, names in param_names(model).items() if len(names) > 1}
+    seen: dict[int, int] = {}
+    for _name, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
 
 
-def _ms_norm_for(norm: nn.Module, site: NormSite, min_abs_weight: float) -> nn.Module:
+def _ms_norm_for(norm: nn.Module, site: NormSite, min_abs_weight: float, autocast_twin: bool = False) -> nn.Module:
     cls = MSLayerNorm if site.kind == "layer_norm" else MSRMSNorm
     weight = getattr(norm, "weight", None) if site.weight else None
     bias = getattr(norm, "bias", None) if site.bias else None
@@ -88,11 +92,57 @@ def _ms_norm_for(norm: nn.Module, site: NormSite, min_abs_weight: float) -> nn.M
         weight_offset=site.weight_offset,
         channel_dim=site.channel_dim,
         autocast_output=site.autocast_output,
+        autocast_twin=autocast_twin,
         min_abs_weight=min_abs_weight if keep else 0.0,
     )
     ms.train(norm.training)
     _keep_attributes(norm, ms)
     return ms
+
+
+def _twin_linears(model: nn.Module, site: NormSite, notes: list[str]) -> int:
+    """Post-norm under autocast: the residual needs the norm output in full precision, so the norm
+    keeps it and saves its autocast-dtype twin instead; each nn.Linear receiving the output (or a view
+    of it) becomes a TwinLinear (same Parameters) that reads that twin rather than saving its own cast.
+    Returns how many consumers read the twin (0: the norm makes none)."""
+    readers = 0
+    for consumer in site.consumers:
+        if not (consumer.shares_output and consumer.layout == "linear"):
+            continue
+        linear = model.get_submodule(consumer.module)
+        if isinstance(linear, TwinLinear):
+            readers += 1
+            continue
+        why = ""
+        if type(linear) is not nn.Linear:
+            why = f"it is a {type(linear).__name__}, not an nn.Linear"
+        elif module_hooks(linear):
+            why = f"it has {', '.join(module_hooks(linear))} registered on it; a swap would drop them"
+        if why:
+            notes.append(f"{consumer.module} saves its own autocast cast of {site.module}'s output: {why}")
+            continue
+        twin_linear = TwinLinear.from_linear(linear)
+        _keep_attributes(linear, twin_linear)
+        replace_module(model, linear, twin_linear)
+        readers += 1
+        _count_twin_linear(notes, consumer.module)
+    return readers
+
+
+_TWIN_NOTE = "Linear layer(s) fed by a post-norm MS norm became TwinLinear"
+
+
+def _count_twin_linear(notes: list[str], fqn: str) -> None:
+    """One report note for all TwinLinear swaps, counting them, with the first as the example."""
+    for i, note in enumerate(notes):
+        count, _, rest = note.partition(" ")
+        if rest.startswith(_TWIN_NOTE):
+            notes[i] = f"{int(count) + 1} {rest}"
+            return
+    notes.append(
+        f"1 {_TWIN_NOTE} (e.g. {fqn}): the same Parameters; under autocast each reads the low-precision twin "
+        "its norm saved instead of saving a cast of its own"
+    )
 
 
 def _keep_attributes(old: nn.Module, new: nn.Module) -> None:
@@ -131,12 +181,8 @@ def apply_plan(
         norm = model.get_submodule(site.module)
         if site.action == "fold" and not site.already_folded:
             _fold_site(model, site, untie_embeddings, notes)
-        ms = _ms_norm_for(norm, site, min_abs_weight)
-        if site.action == "keep_affine" and not site.autocast_output:
-            # post-norm: the residual needs full precision, the Linears read the autocast twin
-            for consumer in site.consumers:
-                if consumer.shares_output and consumer.layout == "linear":
-                    ms.feed_twin_to(model.get_submodule(consumer.module))
+        twin = site.action == "keep_affine" and not site.autocast_output and _twin_linears(model, site, notes) > 0
+        ms = _ms_norm_for(norm, site, min_abs_weight, autocast_twin=twin)
         replace_module(model, norm, ms)
     containers: dict[str, list] = {}
     for site in plan.activations:
