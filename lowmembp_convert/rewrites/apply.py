@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
 from ..nn.linear import TwinLinear
 from ..nn.norms import MSLayerNorm, MSRMSNorm
@@ -68,10 +69,7 @@ def _fold_site(model: nn.Module, site: NormSite, untie: bool, notes: list[str]) 
 
 
 def _shared_param_ids(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _name, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, n in seen.items() if n > 1}
+    return {pid for pid, names in param_names(model).items() if len(names) > 1}
 
 
 def _ms_norm_for(norm: nn.Module, site: NormSite, min_abs_weight: float, autocast_twin: bool = False) -> nn.Module:
