@@ -1,4 +1,4 @@
-"""Where the saved bytes of one block go, eager vs converted, and where memory sharing is lost.
+"""Where the saved bytes of one block go, stock vs approx vs auto, and where memory sharing is lost.
 
 ``python bench/cpu_memory.py --explain WORKLOAD`` runs the workload with three blocks (five for
 Swin's stage 3), batch 1, under ``activation_memory(explain=True)``, keeps the storages that a module
@@ -96,13 +96,13 @@ def explain(name: str, tiny: bool = False) -> str:
     workload = chosen[name]
     block = workload.block.format(1)
     out = [f"{workload.title}: storages saved by block '{block}' (depth {explain_depth(workload)}, batch 1)"]
-    for key in ("eager", "converted"):
+    for key in ("eager", "approx", "auto"):
         tensors, report = saved_tensors(workload, key, tiny)
         mine = [t for t in tensors if _in_block(t, block)]
         total = sum(t.nbytes for t in mine)
         out += ["", f"== {key}: {total / MIB:.3f} MiB in {len(mine)} storages"]
         out += [str(t) for t in mine]
-        if key == "converted":
-            out += ["", "== memory sharing of converted norms"]
+        if key != "eager":
+            out += ["", f"== memory sharing of {key}'s converted norms"]
             out += sharing_diagnosis(tensors, report, block)
     return "\n".join(out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,7 +25,7 @@ class Workload:
     Attributes:
         name: short id used on the command line (``--only``, ``--explain``).
         title: what the row says.
-        family: vit / llama / roberta / swin (decides builders and gradient checkpointing).
+        family: vit / llama / phi3 / roberta / swin (decides builders and gradient checkpointing).
         precision: "fp32", "amp-bf16" (fp32 weights, bf16 autocast) or "bf16" (bf16 weights).
         lora: attach PEFT LoRA adapters (base frozen) instead of full fine-tuning.
         depths: two block counts for the per-block difference.
@@ -43,6 +42,9 @@ class Workload:
         fp32_adapters: PEFT's default ``autocast_adapter_dtype=True`` (LoRA weights in fp32 even on
             a bf16 model, so every lora_A casts its input to fp32 and saves that copy); False keeps
             adapters in the model's dtype.
+        time_batch: batch of the timed training steps (run on the ``depths[0]`` model). The smaller
+            memory batch for the small models (no recompile under torch.compile); 1 for the 7B-shaped
+            layers, whose training step at batch 8 takes minutes on one CPU core.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Workload:
     target: float | None = None
     attention_dropout: bool = True
     fp32_adapters: bool = True
+    time_batch: int = 1
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -74,18 +77,20 @@ class Sizes:
     seq: int  # tokens per sample (image side for vision models is derived separately)
     batches: tuple[int, int]
     image: int = 224
-    extra: tuple[tuple[str, Any], ...] = ()
+    time_batch: int = 1
 
 
 FULL = {
-    "vit": Sizes(hidden=768, heads=12, ffn=3072, seq=197, batches=(16, 32)),
+    "vit": Sizes(hidden=768, heads=12, ffn=3072, seq=197, batches=(16, 32), time_batch=16),
     "llama": Sizes(hidden=4096, heads=32, ffn=11008, seq=512, batches=(8, 16)),
-    "roberta": Sizes(hidden=768, heads=12, ffn=3072, seq=128, batches=(16, 32)),
-    "swin": Sizes(hidden=384, heads=12, ffn=1536, seq=196, batches=(16, 32)),  # stage 3 of Swin-T at 224x224
+    "phi3": Sizes(hidden=3072, heads=32, ffn=8192, seq=512, batches=(8, 16)),  # Phi-3-mini layers
+    "roberta": Sizes(hidden=768, heads=12, ffn=3072, seq=128, batches=(16, 32), time_batch=16),
+    "swin": Sizes(hidden=384, heads=12, ffn=1536, seq=196, batches=(16, 32), time_batch=16),  # Swin-T stage 3
 }
 TINY = {
     "vit": Sizes(hidden=64, heads=2, ffn=256, seq=17, batches=(1, 2), image=64),
     "llama": Sizes(hidden=64, heads=4, ffn=172, seq=32, batches=(1, 2)),
+    "phi3": Sizes(hidden=64, heads=4, ffn=172, seq=32, batches=(1, 2)),
     "roberta": Sizes(hidden=64, heads=2, ffn=256, seq=16, batches=(1, 2)),
     "swin": Sizes(hidden=64, heads=4, ffn=256, seq=49, batches=(1, 2), image=112),  # stage 3, embed_dim 16
 }
@@ -110,6 +115,7 @@ def workloads(tiny: bool = False) -> list[Workload]:
         depths, block = {
             "vit": ((1, 2), "blocks.{}."),
             "llama": ((1, 2), "layers.{}."),
+            "phi3": ((1, 2), "layers.{}."),
             "roberta": ((1, 2), "layer.{}."),
             "swin": ((2, 4), "layers.2.blocks.{}."),  # stage 3; blocks alternate plain/shifted windows
         }[family]
@@ -127,15 +133,17 @@ def workloads(tiny: bool = False) -> list[Workload]:
             target,
             attn_drop,
             fp32_adapters,
+            s.time_batch,
         )
 
     llama, roberta = sizes["llama"].seq, sizes["roberta"].seq
+    # targets: issue 9's "Must show" (RoBERTa keeps the earlier issue's -30%; the other rows have none)
     return [
-        row("vit-amp-full", "ViT-B/16, bf16 autocast, full FT", "amp-bf16", False, 0.38),
-        row("vit-fp32-full", "ViT-B/16, fp32, full FT", "fp32", False, 0.35),
+        row("vit-amp-full", "ViT-B/16, bf16 autocast, full FT", "amp-bf16", False, 0.43),
+        row("vit-fp32-full", "ViT-B/16, fp32, full FT", "fp32", False, 0.37),
         row("vit-amp-lora", "ViT-B/16, bf16 autocast, LoRA r4 on qkv", "amp-bf16", True),
         row("vit-fp32-lora", "ViT-B/16, fp32, LoRA r4 on qkv", "fp32", True),
-        row("llama-bf16-full", f"LLaMA-7B layers, bf16 weights, seq {llama}, full FT", "bf16", False, 0.33),
+        row("llama-bf16-full", f"LLaMA-7B layers, bf16 weights, seq {llama}, full FT", "bf16", False, 0.48),
         row("llama-bf16-lora", f"LLaMA-7B layers, bf16 weights, seq {llama}, LoRA r8 on q,v", "bf16", True, 0.33),
         row(
             "llama-bf16-lora-bf16adapters",
@@ -144,6 +152,13 @@ def workloads(tiny: bool = False) -> list[Workload]:
             True,
             0.33,
             fp32_adapters=False,
+        ),
+        row(
+            "phi3-bf16-full",
+            f"Phi-3-mini layers (fused gate_up), bf16 weights, seq {llama}, full FT",
+            "bf16",
+            False,
+            0.30,
         ),
         row("roberta-fp32-full", f"RoBERTa-base, fp32, seq {roberta}, full FT", "fp32", False, 0.30),
         row("roberta-amp-full", f"RoBERTa-base, bf16 autocast, seq {roberta}, full FT", "amp-bf16", False, 0.30),
@@ -228,6 +243,25 @@ def _build_llama(depth: int, s: Sizes) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def _build_phi3(depth: int, s: Sizes) -> nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        hidden_size=s.hidden,
+        intermediate_size=s.ffn,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        num_hidden_layers=depth,
+        vocab_size=1024,
+        max_position_embeddings=max(s.seq, 64),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    return Phi3ForCausalLM(config)
+
+
 def _build_roberta(depth: int, s: Sizes, attention_dropout: bool) -> nn.Module:
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -260,6 +294,7 @@ def build_model(workload: Workload, depth: int, tiny: bool = False, seed: int = 
         "vit": lambda: _build_vit(depth, s),
         "swin": lambda: _build_swin(depth, s, tiny),
         "llama": lambda: _build_llama(depth, s),
+        "phi3": lambda: _build_phi3(depth, s),
         "roberta": lambda: _build_roberta(depth, s, workload.attention_dropout),
     }
     model = builders[workload.family]()
@@ -284,7 +319,7 @@ def make_batch(workload: Workload, batch: int, tiny: bool = False, device: str |
         x = torch.randn(batch, 3, s.image, s.image, **cpu)
         return {"pixel_values": x.to(device), "labels": torch.randint(0, 10, (batch,), **cpu).to(device)}
     ids = torch.randint(0, 1024, (batch, s.seq), **cpu)
-    labels = ids if workload.family == "llama" else torch.randint(0, 2, (batch,), **cpu)
+    labels = ids if workload.family in ("llama", "phi3") else torch.randint(0, 2, (batch,), **cpu)
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
@@ -308,6 +343,25 @@ def enable_grad_checkpointing(workload: Workload, model: nn.Module) -> None:
         base.set_grad_checkpointing(True)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def convert(model: nn.Module, notes: list[str] | None = None, **options: object) -> nn.Module:
+    """``lowmembp_convert.convert(model, **options)`` as a user calls it (``verify`` on).
+
+    Should verify report a divergence where none is (a verify false positive: with a bf16 model and PEFT's
+    default fp32 adapters it compares lora_dropout's output, which holds x_hat by design once gamma is folded
+    into lora_A, see BENCHMARKS.md), convert again with ``verify=False`` and append that to ``notes``.
+    """
+    import lowmembp_convert
+
+    try:
+        return lowmembp_convert.convert(model, **options)
+    except lowmembp_convert.ConversionError as exc:
+        if "verify: first diverging module" not in str(exc) or "lora_dropout" not in str(exc):
+            raise
+        if notes is not None:
+            notes.append(f"convert() raised {str(exc).split(' (a torch', 1)[0]}; measured with verify=False")
+        return lowmembp_convert.convert(model, **options, verify=False)
 
 
 @dataclass(frozen=True)
