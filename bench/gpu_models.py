@@ -1,14 +1,16 @@
 """GPU model benchmark: peak memory and throughput of whole training steps, and the largest batch.
 
 For each model (ViT-B/16 LoRA r4 batch 64 under bf16 autocast, the paper's headline; ViT-B/16 full
-fine-tuning; LLaMA-7B-shaped decoder layers in bf16; RoBERTa-base) and each column (baseline,
-converted, gradient checkpointing, torch.compile, converted + compile) it runs full training steps
-(forward, loss, backward, AdamW step), then reports ``torch.cuda.max_memory_allocated`` over timed
-steps (the peak counter is reset after warm-up) and samples per second. Then, for the headline
-models, the largest batch whose step fits a fixed memory budget, baseline vs converted.
+fine-tuning; LLaMA-7B-shaped decoder layers in bf16, full and LoRA; Phi-3-mini-shaped layers (fused
+gate_up); RoBERTa-base) and each column (baseline; approx = ``convert(activations="approx")``, the
+paper; auto = ``convert()``, the default; recompute = ``convert(activations="recompute")``; gradient
+checkpointing; torch.compile; compile + auto) it runs full training steps (forward, loss, backward,
+AdamW step), then reports ``torch.cuda.max_memory_allocated`` over timed steps (the peak counter is
+reset after warm-up) and samples per second. Then, for the headline models, the largest batch whose
+step fits a fixed memory budget, baseline vs auto vs approx.
 
-Cells run in priority order (rows in order, the headline first; in a row the eager columns, the
-largest batch, then the compiled columns) under a wall-clock deadline; a cell the deadline cuts is
+Cells run in priority order (every row's eager columns, rows in order with the headline first; then
+the largest batches; then the compiled columns) under a wall-clock deadline; a cell the deadline cuts is
 reported as skipped, never estimated. ``--device cpu --tiny`` is a dry run of every code path (no memory
 numbers: CPU has no peak counter).
 
@@ -31,7 +33,16 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
-from workloads import Column, Workload, build_model, compute_loss, enable_grad_checkpointing, make_batch, workloads
+from workloads import (
+    Column,
+    Workload,
+    build_model,
+    compute_loss,
+    convert,
+    enable_grad_checkpointing,
+    make_batch,
+    workloads,
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ def gpu_models(tiny: bool) -> list[GpuModel]:
             4,
             8,
         ),
+        GpuModel("phi3-full", "Phi-3-mini shape (fused gate_up), bf16, full FT", by_name["phi3-bf16-full"], 4, 8),
         GpuModel("roberta-full", "RoBERTa-base, bf16 AMP, full FT", by_name["roberta-amp-full"], 12, 32),
     ]
     if tiny:
@@ -84,10 +96,8 @@ def gpu_models(tiny: bool) -> list[GpuModel]:
     return rows
 
 
-def _convert(model: nn.Module) -> nn.Module:
-    import lowmembp_convert
-
-    return lowmembp_convert.convert(model)
+def _convert(model: nn.Module, **options: object) -> nn.Module:
+    return convert(model, None, **options)
 
 
 def _ckpt(w: Workload, m: nn.Module) -> nn.Module:
@@ -97,11 +107,14 @@ def _ckpt(w: Workload, m: nn.Module) -> nn.Module:
 
 COLUMNS = [
     Column("baseline", "baseline", lambda w, m: m),
-    Column("converted", "converted", lambda w, m: _convert(m)),
+    Column("auto", "auto (default)", lambda w, m: _convert(m)),
+    Column("approx", "approx (paper)", lambda w, m: _convert(m, activations="approx")),
+    Column("recompute", "recompute", lambda w, m: _convert(m, activations="recompute")),
     Column("ckpt", "grad ckpt", _ckpt),
     Column("compile", "torch.compile", lambda w, m: torch.compile(m), compiles=True),
-    Column("converted_compile", "converted + compile", lambda w, m: torch.compile(_convert(m)), compiles=True),
+    Column("compile_auto", "compile + auto", lambda w, m: torch.compile(_convert(m)), compiles=True),
 ]
+MAX_BATCH_COLUMNS = ("baseline", "auto", "approx")
 
 
 @dataclass
@@ -221,11 +234,10 @@ def markdown(results: list[Result], max_batches: list[dict], rows: list[GpuModel
         lines.append(f"| {titles[row.key]} | " + " | ".join(cells) + " |")
     if max_batches:
         lines += ["", "Largest batch within the memory budget (checked by running it):", ""]
-        lines += ["| model | budget MiB | baseline | converted |", "|---|---:|---:|---:|"]
+        lines += ["| model | budget MiB | " + " | ".join(MAX_BATCH_COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
         for entry in max_batches:
-            lines.append(
-                f"| {titles[entry['model']]} | {entry['budget_mib']:.0f} | {entry['baseline']} | {entry['converted']} |"
-            )
+            cells = " | ".join(str(entry.get(k, "-")) for k in MAX_BATCH_COLUMNS)
+            lines.append(f"| {titles[entry['model']]} | {entry['budget_mib']:.0f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -273,16 +285,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry[key] = f"{batch} ({how})" if batch is not None else f"n/a ({how})"
         print(f"{row.key} largest batch, {key}: {entry[key]}", file=sys.stderr, flush=True)
 
-    # Priority under the deadline: rows in order (the paper's headline first); within a row the
-    # eager columns, then its largest batches, then its compiled columns (compiling is the slow part).
+    # Priority under the deadline: first every row's eager columns (rows in order, the paper's headline
+    # first), then the largest batches, then the compiled columns (compiling is the slow part).
     tasks: list[tuple[Callable[[], None], Callable[[], None]]] = []
     for row in rows:
         for column in columns:
             if not column.compiles:
                 tasks.append((lambda r=row, c=column: cell(r, c), lambda r=row, c=column: skipped(r, c)))
+    for row in rows:
         for entry in (e for e in max_batches if e["model"] == row.key):
-            for key in ("baseline", "converted"):
+            for key in MAX_BATCH_COLUMNS:
                 tasks.append((lambda e=entry, k=key: max_batch(e, k), lambda e=entry, k=key: e.update({k: "skipped"})))
+    for row in rows:
         for column in columns:
             if column.compiles and row.compile:
                 tasks.append((lambda r=row, c=column: cell(r, c), lambda r=row, c=column: skipped(r, c)))

@@ -7,6 +7,8 @@ reached, the speed relative to the torch counterpart, and whether the target is 
 
 - ReGELU2 / ReSiLU2 (fwd and bwd): >= 85% of copy bandwidth, and no slower than torch's op.
 - MS LayerNorm / RMSNorm (fwd and bwd): >= 75% of copy bandwidth, and no slower than torch's op.
+- Recompute passes (rebuild act(a) [* u], activation gradients): >= 85% of copy bandwidth, and no
+  slower than the same math in torch ops.
 
 Run ``python bench/kernels.py [--markdown]`` on a CUDA machine; import and call :func:`run` to get
 the rows as dicts. Without CUDA it exits with a message.
@@ -152,6 +154,83 @@ def _norm_entries() -> list[Entry]:
 
 
 # ==================================================================================================
+# RECOMPUTE ENTRIES: the two elementwise passes of the exact recompute in the consumer's backward
+# (lowmembp_convert.ops.recompute_launch; METHOD.md section 7), against the same math in torch ops.
+# Floors: rebuild p = act(a) reads a, writes p (2e); gated p = act(g) * u reads g, u, writes p (3e);
+# grads plain read dp, a, write da (3e); gated read dp, g, u, write dg, du (5e).
+# ==================================================================================================
+
+
+def _gated_fwd(e: int) -> float:
+    return 3 * e
+
+
+def _gated_bwd(e: int) -> float:
+    return 5 * e
+
+
+def _recompute_entries() -> list[Entry]:
+    try:
+        from lowmembp_convert.ops.recompute_launch import (
+            reference_act_grads,
+            reference_rebuild,
+            triton_act_grads,
+            triton_rebuild,
+        )
+    except ImportError as error:
+        print(f"[bench] skipping the recompute entries: {error}", file=sys.stderr)
+        return []
+
+    def gated(fn: Callable) -> Callable[[torch.Tensor], Callable[[], object]]:
+        def make(x: torch.Tensor) -> Callable[[], object]:
+            u = torch.randn_like(x)
+            return lambda: fn(x, u)
+
+        return make
+
+    def grads(fn: Callable, with_u: bool) -> Callable[[torch.Tensor], Callable[[], object]]:
+        def make(x: torch.Tensor) -> Callable[[], object]:
+            dp, u = _grad_like(x), torch.randn_like(x) if with_u else None
+            return lambda: fn(dp, x, u)
+
+        return make
+
+    t = ELEMENTWISE_TARGET
+    return [
+        Entry(
+            "recompute rebuild gelu",
+            lambda x: lambda: triton_rebuild(x, None, "gelu"),
+            _read_write,
+            "torch gelu fwd",
+            t,
+        ),
+        Entry("torch silu*up fwd", gated(lambda x, u: reference_rebuild(x, u, "silu")), _gated_fwd),
+        Entry(
+            "recompute rebuild silu*up",
+            gated(lambda x, u: triton_rebuild(x, u, "silu")),
+            _gated_fwd,
+            "torch silu*up fwd",
+            t,
+        ),
+        Entry(
+            "recompute grads gelu",
+            grads(lambda dp, x, u: triton_act_grads(dp, x, None, "gelu"), False),
+            _stock_bwd,
+            "torch gelu bwd",
+            t,
+        ),
+        Entry("torch silu*up bwd", grads(lambda dp, x, u: reference_act_grads(dp, x, u, "silu"), True), _gated_bwd),
+        Entry(
+            "recompute grads silu*up",
+            grads(lambda dp, x, u: triton_act_grads(dp, x, u, "silu"), True),
+            _gated_bwd,
+            "torch silu*up bwd",
+            t,
+        ),
+    ]
+
+
+# ==================================================================================================
 
 
 def _time_ms(fn: Callable[[], object], device: str) -> float:
@@ -177,7 +256,8 @@ def run(
         rows_out: list the rows are appended to (also returned).
         shapes: 2-D input shapes [rows, hidden].
         dtypes: input dtypes.
-        entries: what to time; default the activation entries plus the norm entries when importable.
+        entries: what to time; default the activation entries plus the norm and recompute entries when
+            importable.
         device: "cuda"; anything else only smoke-tests this script (one untimed-quality call each).
 
     Each row: shape, dtype, op, ms, GB/s, floor_ms, copy_GB/s, of_copy (fraction of copy bandwidth),
@@ -187,7 +267,7 @@ def run(
         raise RuntimeError("bench/kernels.py needs a CUDA GPU (it times Triton kernels and DRAM bandwidth)")
     import lowmembp_convert.ops.activations  # noqa: F401  (registers the lowmembp:: custom ops)
 
-    entries = entries if entries is not None else ACTIVATION_ENTRIES + _norm_entries()
+    entries = entries if entries is not None else ACTIVATION_ENTRIES + _norm_entries() + _recompute_entries()
     for rows, hidden in shapes:
         for dtype in dtypes:
             x = torch.randn(rows, hidden, device=device, dtype=dtype)
@@ -272,6 +352,8 @@ _AOT_KERNEL_ORDER = [
     "ms_norm_bwd_affine_kernel",
     "_step_activation_fwd_kernel",
     "_step_activation_bwd_kernel",
+    "_rebuild_kernel",
+    "_act_grads_kernel",
 ]
 # Floor per METHOD.md section 6, by element size. The affine (dweight / dbias) pass has none of its
 # own: section 6's norm bwd figure (3e) is the whole backward, dx and the parameter gradients.
@@ -281,6 +363,9 @@ _AOT_FLOOR: dict[str, Callable[[int], float] | None] = {
     "ms_norm_bwd_affine_kernel": None,
     "_step_activation_fwd_kernel": _read_write_codes,
     "_step_activation_bwd_kernel": _read_write_codes,
+    # the exact recompute passes (ops/recompute.py): no figure in section 6; they move only their operands
+    "_rebuild_kernel": None,
+    "_act_grads_kernel": None,
 }
 
 
