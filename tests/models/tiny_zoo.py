@@ -453,3 +453,69 @@ def expected_original_grads(
         if beta is not None:
             expected[site.bias] = d_beta
     return expected
+
+
+# --------------------------------------------------------------------------------------------------
+# An independent check of an exact conversion (norms + exact activation options)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _input_embedding(model: nn.Module) -> nn.Module:
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter) and getter() is not None:
+        return getter()
+    for name in ("patch_embed", "stem", "embeddings"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"no input embedding found in {type(model).__name__}")
+
+
+def outputs_and_embedding_grad(model: nn.Module, inputs: Inputs, seed: int = 0) -> tuple[list, torch.Tensor]:
+    """Every floating output of a training-mode forward (dropout seeded) and dL/d(embedding output)
+    for a fixed random projection loss over all outputs."""
+    args, kwargs = inputs
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_m, _i, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if "out" not in captured:  # the first call: the encoder's input
+            out.retain_grad()
+            captured["out"] = out
+
+    embedding = _input_embedding(model)
+    weight = getattr(embedding, "weight", None)
+    # encoder-decoders (T5, BART) embed through other modules sharing the embedding's weight
+    hooked = [m for m in model.modules() if weight is not None and getattr(m, "weight", None) is weight]
+    handles = [m.register_forward_hook(keep) for m in hooked or [embedding]]
+    model.train()
+    try:
+        torch.manual_seed(seed)
+        outs = _tensors(model(*args, **kwargs))
+        gen = torch.Generator().manual_seed(seed + 1)
+        loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in outs)
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [t.detach() for t in outs], captured["out"].grad
+
+
+def assert_exact_conversion(original: nn.Module, converted: nn.Module, inputs: Inputs, rtol: float = 1e-4) -> None:
+    """Outputs (all of them) and the gradient reaching the input embedding equal the original's."""
+    a_out, a_grad = outputs_and_embedding_grad(original, inputs)
+    b_out, b_grad = outputs_and_embedding_grad(converted, inputs)
+    assert len(a_out) == len(b_out)
+    for i, (a, b) in enumerate(zip(a_out, b_out, strict=True)):
+        assert relative_error(a, b) < 1e-5, f"output {i} differs: {relative_error(a, b):.2e}"
+    assert relative_error(a_grad, b_grad) < rtol, f"embedding gradient differs: {relative_error(a_grad, b_grad):.2e}"
