@@ -83,6 +83,8 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
     trainable_before = _trainable(model)
     snapshot = ModelSnapshot(model)
     try:
+        progress = _Progress(model)
+        progress.stage("recording the original's outputs")
         recording = verification.record(model, inputs) if config.verify and inputs is not None else None
         before = _measure(model, inputs) if config.measure_memory and inputs is not None else None
         loaded_from = getattr(getattr(model, "config", None), CHECKPOINT_KEY, None)
@@ -91,12 +93,15 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
 
             record = describe_record(loaded_from)
             notes.append(f"loaded from a lowmembp-convert checkpoint ({record}); its norms are folded already")
+        progress.stage("analysing (detect, trace on fake tensors, plan)")
         plan = plan_conversion(model, config)
+        progress.stage("rewriting")
         snapshot.keep_values(_edited_tensors(model, plan))
         notes += apply_plan(model, plan, untie_embeddings=config.untie_embeddings, min_abs_weight=config.min_abs_weight)
         report = Report(model=type(model).__name__, plan=plan, notes=notes, previous=previous)
         report.trainable_before = len(trainable_before)
         report.trainable_after = len(_trainable(model))
+        progress.stage("verifying")
         if recording is not None:
             folded = [s for s in plan.norms if s.action == "fold"]
             try:
@@ -117,10 +122,35 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
         if before is not None:
             report.bytes_before, report.bytes_after = before, _measure(model, inputs)
         setattr(model, REPORT_ATTR, report)
+        progress.close()
     except BaseException:
+        progress.close()
         snapshot.restore()
         raise
     return model
+
+
+class _Progress:
+    """A stage line on a terminal for large models (seconds of tracing would otherwise be silence);
+    nothing for small models or when stderr is not a terminal (tqdm's ``disable=None``)."""
+
+    STAGES = 4  # recording, analysing, rewriting, verifying
+
+    def __init__(self, model: nn.Module, min_parameters: int = 100_000_000) -> None:
+        self._bar = None
+        if sum(p.numel() for p in model.parameters()) >= min_parameters:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.STAGES, desc="lowmembp_convert", disable=None, leave=False)
+
+    def stage(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(what)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _inputs_for_checks(model: nn.Module, config: ConvertConfig, meta: bool, notes: list[str]):

@@ -93,5 +93,13 @@ class Plan:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def __str__(self) -> str:
+        """The same site-by-site table as the conversion report (the plan changes nothing)."""
+        from .report import Report
+
+        return str(Report(model="(plan only: nothing changed)", plan=self)).replace(
+            "lowmembp_convert report for", "lowmembp_convert plan"
+        )
+
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from .plan import Plan
 
 
-def _short(fqn: str) -> str:
-    parts = fqn.split(".")
-    # "downsample.1" reads better than "1"
-    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1].isdigit() else parts[-1]
+def _relative(consumer: str, norm: str) -> str:
+    """The consumer's name relative to the norm's parent ("self_attn.q_proj" for a decoder layer's
+    input norm), so the same leaf name in two places is never ambiguous."""
+    parent = norm.rpartition(".")[0]
+    if parent and consumer.startswith(parent + "."):
+        return consumer[len(parent) + 1 :]
+    return consumer
 
 
 @dataclass
@@ -91,11 +94,18 @@ class Report:
             width = max(len(s.module) for s in plan.norms)
             lines.append("  norm sites:")
             for s in plan.norms:
-                consumers = ", ".join(_short(c.module) + ("" if c.shares_output else " (copy)") for c in s.consumers)
+                consumers = ", ".join(
+                    _relative(c.module, s.module) + ("" if c.shares_output else " (copy)") for c in s.consumers
+                )
                 detail = f"{s.kind} -> {consumers}" if consumers else s.kind
                 lines.append(f"    {s.module:<{width}}  {s.action:<11}  {detail}")
                 if s.reason:
                     lines.append(f"    {'':<{width}}  {'':<11}  ({s.reason})")
+            if any(not c.shares_output for s in plan.norms for c in s.consumers):
+                lines.append(
+                    "    (copy): that consumer receives a copy of the norm output (a cast, a pad...), so it keeps "
+                    "a tensor of its own for backward"
+                )
         planned = [a for a in plan.activations if a.estimate or a.action == "skip"]
         if planned:
             from .rewrites.planner import describe

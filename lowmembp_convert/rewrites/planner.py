@@ -16,13 +16,16 @@ from ..plan import Plan
 from .recompute import OPTIONS, check_container, estimate_site
 
 
-def _kib(n: int) -> str:
-    return f"{n / 1024:.1f} KiB"
+def _size(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= 10 * scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def describe(estimate: dict[str, int]) -> str:
     names = {"stock": "stock", "approx": "2-bit", "recompute": "recompute"}
-    return ", ".join(f"{names[k]} {_kib(v)}" for k, v in sorted(estimate.items(), key=lambda kv: OPTIONS.index(kv[0])))
+    return ", ".join(f"{names[k]} {_size(v)}" for k, v in sorted(estimate.items(), key=lambda kv: OPTIONS.index(kv[0])))
 
 
 def plan_activations(

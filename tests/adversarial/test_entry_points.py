@@ -120,3 +120,24 @@ def test_converting_twice_keeps_the_first_report() -> None:
     convert(model, example_inputs=inputs)
     assert model.lowmembp_report.previous is first
     assert "folded" in str(model.lowmembp_report) and str(first) in str(model.lowmembp_report)
+
+
+def test_report_names_consumers_relative_to_the_norm_and_explains_copies() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.attn = nn.Module()
+            self.attn.dense = nn.Linear(8, 8)
+            self.mlp = nn.Module()
+            self.mlp.dense = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return self.attn.dense(y) + self.mlp.dense(torch.nn.functional.pad(y, (0, 0, 1, 0))[:, 1:])
+
+    model = nn.Sequential(Block())
+    text = str(convert(model, example_inputs=((torch.randn(2, 3, 8),), {})).lowmembp_report)
+    assert "attn.dense" in text and "mlp.dense (copy)" in text and "(copy): that consumer receives a copy" in text
+    plan_text = str(model.lowmembp_report.plan)
+    assert plan_text.startswith("lowmembp_convert plan") and "NormSite(" not in plan_text
