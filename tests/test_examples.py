@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: the scripts take seconds alone, far more on a loaded CI machine
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# each example runs end to end (minutes in all): the slow set
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
 
 def _commands(tmp: Path) -> dict[str, list[str]]:

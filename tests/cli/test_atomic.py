@@ -38,6 +38,7 @@ def test_keyboard_interrupt_mid_conversion(saved_llama, tmp_path, capsys, monkey
     assert tree_digest(src) == digest
 
 
+@pytest.mark.slow  # a real subprocess killed mid-write
 def test_sigterm_cleans_up(saved_llama, tmp_path):
     """A real process killed with SIGTERM while writing removes its temporary directory."""
     _, src = saved_llama

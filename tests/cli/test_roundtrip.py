@@ -74,7 +74,13 @@ def test_transformers_round_trip(family, tmp_path, capsys):
     _check_convert_twice(original, reloaded, record["folded"], inputs)
 
 
-@pytest.mark.parametrize("name", list(TIMM_CASES))
+# swin and convnext round trips take 10-20 s each (windowed attention, conv stages): the slow set
+_SLOW_TIMM = {"swin_tiny_patch4_window7_224", "convnext_atto"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_TIMM else n for n in TIMM_CASES]
+)
 def test_timm_state_dict_round_trip(name, tmp_path, capsys):
     import timm
     from safetensors.torch import load_file, save_file

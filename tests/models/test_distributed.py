@@ -23,6 +23,8 @@ from lowmembp_convert import convert
 
 STEPS, LR, WORLD = 3, 0.1, 2
 
+pytestmark = pytest.mark.slow  # two processes per backend (DDP, FSDP2): tens of seconds
+
 
 def _free_port() -> int:
     with socket.socket() as s:

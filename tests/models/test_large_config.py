@@ -51,6 +51,7 @@ def test_7b_shaped_llama_converts_on_meta_in_seconds() -> None:
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (4096, 4096)
 
 
+@pytest.mark.slow  # a timing, not a correctness check
 def test_7b_shaped_llama_32_layers_time_for_benchmarks() -> None:
     model = _meta_llama(32)
     start = time.perf_counter()

@@ -111,6 +111,7 @@ def _run_llama(model: nn.Module, batch: int, setting: str) -> torch.Tensor:
     return model(input_ids=ids).logits.float().sum()
 
 
+@pytest.mark.slow  # 7B-wide layers at two depths and batches
 def test_llama_7b_layers_save_a_third_in_bf16() -> None:
     figures = per_block_change(_llama_7b_layers, _run_llama, ("bf16",))
     assert _report("LLaMA-7B layers (16 tokens) bf16", *figures["bf16"]) <= -0.33
