@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .errors import CaptureError
 from .transaction import preserved_modes
+from .verify import all_tensors
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -136,16 +137,6 @@ def _accepts_pre_logits(fn) -> bool:
         return False
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
 def _nested_models(model: nn.Module) -> list[nn.Module]:
     """transformers models inside ``model`` (a user's wrapper, a PEFT model): their outputs, hidden
     states included, are outputs a user can ask for even when the wrapper does not return them."""
@@ -173,7 +164,7 @@ class _EveryOutput(nn.Module):
 
     def forward(self, *args, **kwargs):
         collected: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda _m, _i, out: collected.extend(_tensors(out))) for m in self.nested]
+        handles = [m.register_forward_hook(lambda _m, _i, out: collected.extend(all_tensors(out))) for m in self.nested]
         try:
             if self.features:
                 features = self.model.forward_features(*args)

@@ -38,17 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norms import grads_from_output, ms_norm_fwd, refuse_double_backward
+from .norms import _stats_dtype, grads_from_output, ms_norm_fwd, refuse_double_backward
 
 __all__ = ["autocast_twin_of", "linear_on_twin", "linear_on_twin_bwd", "ms_norm_twin_fwd", "ms_norm_with_twin"]
 
 # Attribute of the twin norm's autograd node (its ctx): y's version counter when the twin was made.
 # Its presence marks the node as one whose first saved tensor is the twin of its first output.
 _TWIN_VERSION = "lowmembp_twin_of_version"
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
