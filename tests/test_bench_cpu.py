@@ -28,6 +28,7 @@ def _value(results: dict, workload: str, column: str) -> float:
     return cell.value
 
 
+@pytest.mark.slow  # a whole tiny benchmark run (over a minute on 2 cores)
 def test_tiny_benchmark_converted_saves_memory_and_the_table_is_complete(tmp_path: Path) -> None:
     split = ["eager", "approx", "auto", "norms", "ckpt"]
     results = cpu_memory.run_benchmark(tiny=True, only=["vit-amp-full"], columns=split, log=print)
@@ -132,6 +133,7 @@ def test_largest_batch_reports_only_a_checked_batch(monkeypatch: pytest.MonkeyPa
     assert "checked" in how
 
 
+@pytest.mark.slow  # a whole tiny benchmark run (over a minute on 2 cores)
 def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
     code = gpu_models.main(
         [
