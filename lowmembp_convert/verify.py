@@ -74,16 +74,35 @@ class _Recorder:
         self.by_design: set[str] = set()
         self.folded, self.consumers = set(folded), set(consumers)
         self._tainted: set[int] = set()
+        self._tainted_values: list[tuple[torch.Size, torch.Tensor]] = []
+
+    def _is_tainted(self, t: torch.Tensor) -> bool:
+        """The tensor is (a view of) a recorded x_hat-derived output, or a copy of one in another
+        dtype (an adapter casting the norm output to its own dtype first: PEFT's fp32 LoRA)."""
+        if _storage(t) in self._tainted:
+            return True
+        if not t.is_floating_point() or not t.numel():
+            return False
+        sample = t.detach().reshape(-1)[:16].double()
+        return any(
+            shape == t.shape and torch.allclose(sample, values, rtol=1e-2, atol=1e-6)
+            for shape, values in self._tainted_values
+        )
+
+    def _taint(self, t: torch.Tensor) -> None:
+        self._tainted.add(_storage(t))
+        if t.numel():
+            self._tainted_values.append((t.shape, t.detach().reshape(-1)[:16].double()))
 
     def hook(self, name: str):
         def record(_module, inputs, output):
             tensor = first_tensor(output)
             if tensor is None or not tensor.is_floating_point() or name in self.outputs:
                 return
-            fed = any(isinstance(t, torch.Tensor) and _storage(t) in self._tainted for t in inputs)
+            fed = any(isinstance(t, torch.Tensor) and self._is_tainted(t) for t in inputs)
             passes_on = _storage(tensor) in self._tainted  # e.g. a parent returning the norm's output
             if name in self.folded or passes_on or (fed and name not in self.consumers):
-                self._tainted.add(_storage(tensor))
+                self._taint(tensor)
                 self.by_design.add(name)
             # cloned: a later in-place op (EfficientNet's in-place activations) must not rewrite the record
             self.outputs[name] = tensor.detach().clone()

@@ -141,3 +141,17 @@ def test_report_names_consumers_relative_to_the_norm_and_explains_copies() -> No
     assert "attn.dense" in text and "mlp.dense (copy)" in text and "(copy): that consumer receives a copy" in text
     plan_text = str(model.lowmembp_report.plan)
     assert plan_text.startswith("lowmembp_convert plan") and "NormSite(" not in plan_text
+
+
+def test_verify_accepts_peft_fp32_adapters_on_a_bf16_model() -> None:
+    """PEFT's default keeps LoRA weights in fp32 on a bf16 model: lora_dropout sees an fp32 cast of the
+    norm output, x_hat once the affine is folded into lora_A. Verification must know that by design."""
+    peft = pytest.importorskip("peft")
+    model = _llama().to(torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    original = copy.deepcopy(model)
+    convert(model, example_inputs=((), {"input_ids": _ids()}))  # verify on: no false alarm
+    assert any(n.startswith("verified:") for n in model.lowmembp_report.notes)
+    with torch.no_grad():
+        a, b = original(input_ids=_ids()).logits.float(), model(input_ids=_ids()).logits.float()
+    assert rel(a, b) < 5e-2
