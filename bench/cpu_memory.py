@@ -35,8 +35,10 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -436,8 +438,9 @@ def markdown(results: dict[str, dict[str, Cell]], tiny: bool, argv: Sequence[str
                 reasons.append(f"- {name} / {c.title}: n/a: {cell.reason}")
             if cell is not None and cell.median_s is None and cell.time_reason:
                 reasons.append(f"- {name} / {c.title}: no time: {cell.time_reason}")
-            if cell is not None:
-                notes += [f"- {name} / {c.title}: {note}" for note in cell.notes]
+            if cell is not None:  # one line per distinct note (the two depths report other error figures)
+                distinct = dict.fromkeys(re.sub(r": relative error [^;]*", "", note) for note in cell.notes)
+                notes += [f"- {name} / {c.title}: {note}" for note in distinct]
         lines.append(f"| {rows[name].title} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -551,8 +554,9 @@ def pareto_plot(results: dict[str, dict[str, Cell]], tiny: bool, path: str, capt
             handles.setdefault(lab, h)
             labels[lab] = lab
     fig.legend(list(handles.values()), list(labels), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle(caption, fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    wrapped = textwrap.fill(caption, width=int(13 * fig.get_figwidth()))
+    fig.suptitle(wrapped, fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.07, 1, 1 - 0.035 * (wrapped.count("\n") + 1) * 4.2 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
