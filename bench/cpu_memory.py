@@ -22,7 +22,7 @@ same depth; the ratio of the medians is the cell's time relative to stock. On a 
     python bench/cpu_memory.py --markdown            # full sizes (hours on 2 cores)
     python bench/cpu_memory.py --tiny --markdown     # tiny sizes, same code paths
     python bench/cpu_memory.py --markdown --json out.json --pareto bench/pareto.png
-    python bench/cpu_memory.py --replot out.json --markdown --pareto bench/pareto.png  # no measuring
+    python bench/cpu_memory.py --replot out.json [more.json] --markdown --pareto bench/pareto.png  # no measuring
     python bench/cpu_memory.py --explain vit-amp-full  # saved tensors of one block, stock vs converted
 """
 
@@ -442,19 +442,20 @@ def markdown(results: dict[str, dict[str, Cell]], tiny: bool, argv: Sequence[str
                 distinct = dict.fromkeys(re.sub(r": relative error [^;]*", "", note) for note in cell.notes)
                 notes += [f"- {name} / {c.title}: {note}" for note in distinct]
         lines.append(f"| {rows[name].title} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Training step (forward + loss + backward, no optimizer), median of {TIME_REPEATS} on one thread, of the "
-        "shallower model at the batch shown; in brackets its ratio to a stock model timed in alternation with it "
-        "(shared CPU: noisy):",
-        "",
-        "| workload | blocks x batch | " + " | ".join(c.title for c in used) + " |",
-        "|---|---|" + "---:|" * len(used),
-    ]
-    for name, row in results.items():
-        w, eager = rows[name], row.get("eager")
-        cells = [_fmt_time(row.get(c.key), eager) for c in used]
-        lines.append(f"| {w.title} | {w.depths[0]} x {w.time_batch} | " + " | ".join(cells) + " |")
+    if any(cell.step_s or cell.time_reason for row in results.values() for cell in row.values()):
+        lines += [
+            "",
+            f"Training step (forward + loss + backward, no optimizer), median of {TIME_REPEATS} on one thread, of the "
+            "shallower model at the batch shown; in brackets its ratio to a stock model timed in alternation with it "
+            "(shared CPU: noisy):",
+            "",
+            "| workload | blocks x batch | " + " | ".join(c.title for c in used) + " |",
+            "|---|---|" + "---:|" * len(used),
+        ]
+        for name, row in results.items():
+            w, eager = rows[name], row.get("eager")
+            cells = [_fmt_time(row.get(c.key), eager) for c in used]
+            lines.append(f"| {w.title} | {w.depths[0]} x {w.time_batch} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Bytes per token per block in units of the width d, against the issue's target (met: the change",
@@ -590,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-time", action="store_true", help="memory only: do not time training steps")
     parser.add_argument("--json", metavar="PATH", help="write every cell (bytes, step times, reasons) as JSON")
     parser.add_argument("--pareto", metavar="PNG", help="plot memory vs step time (needs matplotlib)")
-    parser.add_argument("--replot", metavar="JSON", help="tables and plot from a --json file, measuring nothing")
+    parser.add_argument(
+        "--replot", metavar="JSON", nargs="+", help="tables and plot from --json file(s), merged, measuring nothing"
+    )
     parser.add_argument("--explain", metavar="WORKLOAD", help="list one block's saved tensors, stock vs converted")
     args = parser.parse_args(argv)
     if args.explain:
@@ -599,7 +602,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(explain(args.explain, args.tiny))
         return 0
     if args.replot:
-        results, tiny, header = load_json(args.replot)
+        results, tiny, headers = {}, False, []
+        for path in args.replot:  # later files add rows and cells to earlier ones
+            more, tiny, header = load_json(path)
+            for name, row in more.items():
+                results.setdefault(name, {}).update(row)
+            headers.append(header)
+        header = "\n".join(dict.fromkeys(headers))
     else:
         log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
         tiny, header = args.tiny, environment(argv)

@@ -102,8 +102,8 @@ def _kib(n: int) -> str:
     return f"{n / 1024:+.1f}"
 
 
-def markdown(checked: list[WorkloadSites], argv: Sequence[str]) -> str:
-    lines = [environment(argv).replace("bench/cpu_memory.py", "bench/site_memory.py"), ""]
+def markdown(checked: list[WorkloadSites], header: str) -> str:
+    lines = [header, ""]
     worst = max((max(s.alone, s.in_context) for w in checked for s in w.sites), default=0)
     verdict = "no site keeps more than stock" if worst <= 0 else f"**a site keeps {worst} B more than stock**"
     lines.append(f"Per-site change of the bytes saved for backward (KiB, batch 1; <= 0 everywhere: {verdict}):\n")
@@ -140,11 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    header = environment(argv).replace("bench/cpu_memory.py", "bench/site_memory.py")  # the date it started
     only = args.only or DEFAULT_WORKLOADS
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     checked = [check_sites(w, args.tiny, args.all, log) for w in workloads(args.tiny) if w.name in only]
     if args.markdown:
-        print(markdown(checked, argv))
+        print(markdown(checked, header))
     worst = max((max(s.alone, s.in_context) for w in checked for s in w.sites), default=0)
     return 0 if worst <= 0 else 1
 
