@@ -348,9 +348,10 @@ def enable_grad_checkpointing(workload: Workload, model: nn.Module) -> None:
 def convert(model: nn.Module, notes: list[str] | None = None, **options: object) -> nn.Module:
     """``lowmembp_convert.convert(model, **options)`` as a user calls it (``verify`` on).
 
-    Should verify report a divergence where none is (a verify false positive: with a bf16 model and PEFT's
-    default fp32 adapters it compares lora_dropout's output, which holds x_hat by design once gamma is folded
-    into lora_A, see BENCHMARKS.md), convert again with ``verify=False`` and append that to ``notes``.
+    Should verify report a divergence where none is (a verify false positive, fixed in the package by
+    94c0bcd: with a bf16 model and PEFT's default fp32 adapters it compared lora_dropout's output, which
+    holds x_hat by design once gamma is folded into lora_A), convert again with ``verify=False`` and append
+    that to ``notes``, so that a table says so.
     """
     import lowmembp_convert
 
