@@ -346,23 +346,12 @@ def enable_grad_checkpointing(workload: Workload, model: nn.Module) -> None:
 
 
 def convert(model: nn.Module, notes: list[str] | None = None, **options: object) -> nn.Module:
-    """``lowmembp_convert.convert(model, **options)`` as a user calls it (``verify`` on).
-
-    Should verify report a divergence where none is (a verify false positive, fixed in the package by
-    94c0bcd: with a bf16 model and PEFT's default fp32 adapters it compared lora_dropout's output, which
-    holds x_hat by design once gamma is folded into lora_A), convert again with ``verify=False`` and append
-    that to ``notes``, so that a table says so.
-    """
+    """``lowmembp_convert.convert(model, **options)`` as a user calls it (``verify`` on). ``notes`` is
+    kept for callers; nothing is appended (the verify false positive on PEFT's fp32 adapters that once
+    needed a retry here is fixed in the package, 94c0bcd)."""
     import lowmembp_convert
 
-    try:
-        return lowmembp_convert.convert(model, **options)
-    except lowmembp_convert.ConversionError as exc:
-        if "verify: first diverging module" not in str(exc) or "lora_dropout" not in str(exc):
-            raise
-        if notes is not None:
-            notes.append(f"convert() raised {str(exc).split(' (a torch', 1)[0]}; measured with verify=False")
-        return lowmembp_convert.convert(model, **options, verify=False)
+    return lowmembp_convert.convert(model, **options)
 
 
 @dataclass(frozen=True)

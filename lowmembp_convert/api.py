@@ -108,7 +108,7 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
                 error = recording.compare(
                     model,
                     rtol=config.verify_rtol,
-                    folded_norms=[s.module for s in folded] + [m for s in folded for m in s.between],
+                    folded_norms=[s.module for s in folded],
                     consumers=[c.module for s in folded for c in s.consumers],
                 )
             except ConversionError as exc:

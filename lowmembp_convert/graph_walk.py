@@ -52,8 +52,6 @@ class WalkResult:
     # users that keep the output itself for backward but cannot take a fold (a Linear mixing tokens,
     # as in MLP-Mixer): a norm that keeps its affine still shares its saved output with them
     exact_sharers: list[str] = field(default_factory=list)
-    # nodes the output passes through on its way to the consumers (views, casts, dropout...)
-    passed: list[fx.Node] = field(default_factory=list)
 
 
 class Transfer(NamedTuple):
@@ -456,6 +454,5 @@ def walk_from(start: fx.Node, channel_dim: int) -> WalkResult:
                 result.bias_blockers.append(note)
             if kind == "break":
                 result.sharing_breakers.append(note)
-            result.passed.append(user)
             todo.append((user, new_pos, shares and is_view))
     return result

@@ -53,7 +53,6 @@ class NormSite:
     fold_bias: bool = False  # fold with a norm bias: it moves into the consumers' biases too
     autocast_output: bool = False  # may emit the autocast dtype (all users cast it anyway)
     already_folded: bool = False  # affine is identity already (a converted checkpoint)
-    between: tuple[str, ...] = ()  # modules on the way to the consumers (their outputs are x_hat-derived)
     reason: str = ""
 
 

@@ -259,7 +259,6 @@ class NormAnalyzer:
             walk.bias_blockers += one.bias_blockers
             walk.sharing_breakers += one.sharing_breakers
             walk.exact_sharers += one.exact_sharers
-            walk.passed += one.passed
         consumers, problems, consumer_nodes = self.consumers(walk)
         site.consumers = tuple(consumers)
         blockers = list(dict.fromkeys(walk.blockers + problems))
@@ -287,7 +286,6 @@ class NormAnalyzer:
                 shift_problem = [f"{no_bias[0]} has no bias parameter to take the norm's shift"]
             shift_problem += walk.bias_blockers[:1]
         if not blockers and not conflicts and not shift_problem and not own:
-            site.between = _modules_between(walk.passed, consumers)
             site.action = "fold"
             site.fold_bias = spec.has_bias
             site.autocast_output = True
@@ -363,19 +361,6 @@ def weight_guard(weight: torch.Tensor, bias: torch.Tensor | None, offset: float,
             "left unconverted, so its gradients stay exact"
         )
     return ""
-
-
-def _modules_between(passed: list[fx.Node], consumers: list[Consumer]) -> tuple[str, ...]:
-    """Modules that run ops on the norm's output before it reaches a consumer (a Dropout, PEFT's
-    lora_dropout, a cast inside an adapter): their outputs are x_hat-derived once the affine is folded.
-    Ancestors of a consumer (a LoRA layer whose output is the consumers' sum) are not among them."""
-    found = set()
-    for node in passed:
-        path = _caller(node)
-        if path is None or any(c.module == path or c.module.startswith(path + ".") or path == "" for c in consumers):
-            continue
-        found.add(path)
-    return tuple(sorted(found))
 
 
 def _caller(node: fx.Node) -> str | None:

@@ -20,6 +20,7 @@ state_dict keys are unchanged; ``print(model)`` shows the rewrite in the contain
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -186,7 +187,7 @@ def estimate_site(
         if p_kept:
             stock.add(_val(p))
             approx.add(_val(p))
-        why = _recompute_blocker(model, consumer, u_node, p, h, user, len(calls), param_of_placeholder)
+        why = _recompute_blocker(model, consumer, len(calls), param_of_placeholder)
         if consumer is None and user is None:
             why = _peft_reader(model, p) or why
         if why:
@@ -213,7 +214,7 @@ def estimate_site(
     return est
 
 
-def _recompute_blocker(model, consumer, u_node, p, h, user, n_calls, param_of_placeholder) -> str:
+def _recompute_blocker(model: nn.Module, consumer, n_calls: int, param_of_placeholder: dict[str, str]) -> str:
     if n_calls != 1:
         return f"called {n_calls} times in the forward"
     if consumer is None:
@@ -365,7 +366,7 @@ def _replace_pattern(graph: fx.Graph, container: nn.Module, site: RecomputeSite,
     users = list(act.users)
     node, u, dead = act, None, [act]
     if site.gated:
-        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in (torch.mul, _mul_operator()):
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in (torch.mul, operator.mul):
             return "the gating multiply is not where the graph had it"
         mul = users[0]
         u = mul.args[1] if mul.args[0] is act else mul.args[0]
@@ -390,12 +391,6 @@ def _replace_pattern(graph: fx.Graph, container: nn.Module, site: RecomputeSite,
     for n in [consumer, *reversed(dead)]:
         graph.erase_node(n)
     return ""
-
-
-def _mul_operator():
-    import operator
-
-    return operator.mul
 
 
 def _is_identity_child(container: nn.Module, target: str) -> bool:
