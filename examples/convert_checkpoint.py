@@ -47,12 +47,13 @@ def cli() -> list[str]:
 
 
 def run_cli(*args: str) -> tuple[int, dict]:
-    """Run ``lowmembp-convert ARGS --json``; returns (exit code, the JSON report)."""
+    """Run ``lowmembp-convert ARGS --json``; returns (exit code, the report's ``checkpoint`` part)."""
     proc = subprocess.run([*cli(), *args, "--json"], capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
     try:
-        return proc.returncode, json.loads(proc.stdout)
+        report = json.loads(proc.stdout)
+        return proc.returncode, report.get("checkpoint", report)  # an error report has no checkpoint part
     except json.JSONDecodeError:
         return proc.returncode, {"stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
 

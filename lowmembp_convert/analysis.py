@@ -3,7 +3,8 @@
 The orchestrator of the rewrites (``rewrites.registry`` lists them with their contracts): norms and
 activations are recognised by behaviour (``detect``); when a decision needs the dataflow, the model
 is captured once (``capture``) and each rewrite analyses its sites on that graph: norm folding
-(``rewrites.norms``), the activation planner (``rewrites.planner``, ``rewrites.recompute``).
+(``rewrites.norms``), the activation planner (``rewrites.planner``, ``rewrites.recompute``), PEFT
+adapter inputs (``rewrites.adapter_inputs``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .config import ConvertConfig, resolve_config
 from .detect import Detector
 from .plan import NormSite, Plan
 from .rewrites.activations import find_activations, report_functional_activations
+from .rewrites.adapter_inputs import find_adapter_layers, plan_adapter_inputs
 from .rewrites.norms import NormAnalyzer, find_norms, module_hooks
 from .rewrites.planner import plan_activations, plan_activations_without_graph
 
@@ -42,7 +44,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         find_activations(model, config, plan, detector)
     norms = find_norms(model, config, plan, detector) if config.norms else []
     planning = mode in ("auto", "recompute") and any(s.action == "convert" for s in plan.activations)
-    if not norms and not planning:
+    adapters = config.adapter_inputs and bool(find_adapter_layers(model))
+    if not norms and not planning and not adapters:
         plan.capture = "not needed (" + ("no norm found" if config.norms else "norms disabled") + ")"
         return plan
     try:
@@ -56,6 +59,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
             )  # fmt: skip
         if planning:
             plan_activations_without_graph(plan, mode)
+        if adapters:
+            plan.notes.append("PEFT adapter inputs left as they are: the graph that proves the rewrite is missing")
         return plan
     plan.capture = f"torch.export (non-strict, fake tensors), {capture.seconds:.1f} s"
     analyzer = NormAnalyzer(model, config, capture)
@@ -72,6 +77,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         plan.norms.append(site)
     if planning:
         plan_activations(model, plan, capture, analyzer.state_placeholders, module_names, mode)
+    if adapters:
+        plan_adapter_inputs(model, plan, capture, config)
     if mode:
         report_functional_activations(capture, model, plan)
     return plan

@@ -172,44 +172,9 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a few human-readable lines (the plan table for --dry-run)."""
-    size = report["bytes"] / 2**30
-    lines = [
-        f"{'plan for' if report['dry_run'] else 'converted'} {report['input']}",
-        f"  model: {report['model']}; {report['format']}, {len(report['shards'])} shard(s), {size:.2f} GiB",
-    ]
-    width = max((len(s["module"]) for s in report["norms"]), default=0)
-    for site in report["norms"]:
-        action = "folded" if site["action"] == "fold" and site["already_folded"] else site["action"]
-        detail = f"-> {', '.join(site['consumers'])}" if site["action"] == "fold" else site["reason"]
-        lines.append(f"  {action:<12} {site['module']:<{width}}  {detail}")
-    lines.append(
-        f"  {len(report['folded'])} norm(s) folded now, {len(report['already_folded'])} already folded; "
-        f"{len(report['changed_tensors'])} tensor(s) changed, {len(report['added_tensors'])} added"
-    )
-    if report.get("nothing_to_fold") and (report["dry_run"] or report.get("written")):
-        lines.append(f"  {report['nothing_to_fold']}")  # a run that writes nothing says it on stderr
-    if report["untied"]:
-        lines.append(f"  untied from the input embedding: {', '.join(report['untied'])}")
-    if report["skipped_files"]:
-        lines.append(f"  not carried over (unconverted weights): {', '.join(report['skipped_files'])}")
-    if report.get("unconverted_state_dicts"):
-        names = ", ".join(repr(k) for k in report["unconverted_state_dicts"])
-        lines.append(f"  carried over unconverted (another state dict in the file): {names}")
-    verify = report.get("verify")
-    if verify:
-        err = verify.get("max_rel_error")
-        detail = f"max relative error {err:.3g} (rtol {verify['rtol']:.3g})" if err is not None else verify["reason"]
-        lines.append(f"  verify: {verify['status']}, {detail}")
-    if report["dry_run"]:
-        where = "(nothing written: --dry-run)"
-    elif not report.get("written", True):
-        where = "(nothing written: nothing to fold; --force-copy writes an unchanged copy)"
-    else:
-        where = f"in {report.get('seconds', 0):.1f} s"
-    lines.append(f"  output: {report['output'] or '-'} {where}")
-    return "\n".join(lines)
+def print_report(report, as_json: bool) -> None:
+    """The Report on stdout: its text, or ``to_json()`` with --json."""
+    print(report.to_json(indent=2) if as_json else str(report))
 
 
 def _note(message: str) -> None:
@@ -301,10 +266,11 @@ def _run(args: argparse.Namespace, committed: list[Any]) -> int:
             return _fail(
                 f"{target}: {exc.strerror or exc}; fix: check free space and permissions", args.json, EXIT_ERROR
             )
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        print_report(report, args.json)
         code = EXIT_OK
-        if not report["dry_run"] and not report["written"] and report["nothing_to_fold"]:
-            _note(f"{report['nothing_to_fold']}; nothing written (--force-copy writes an unchanged copy)")
+        summary = report.checkpoint
+        if not summary.dry_run and not summary.written and summary.nothing_to_fold:
+            _note(f"{summary.nothing_to_fold}; nothing written (--force-copy writes an unchanged copy)")
             code = EXIT_NOTHING_TO_FOLD
     return code
 

@@ -25,6 +25,9 @@ class ConvertConfig:
             where the graph proves it, stock elsewhere; ``"approx"``: the paper's ReGELU2/ReSiLU2
             (exact forward, approximate 2-bit backward) everywhere; ``False``: leave them.
         norms: fold norm affines into consumers and swap in memory-sharing norms (exact).
+        adapter_inputs: where PEFT LoRA adapters are wider than their layer's input (PEFT's fp32
+            adapters on a bf16/fp16 model), lora_A keeps the narrow input for backward and upcasts
+            inside, instead of keeping PEFT's upcast copy (exact: the same values).
         filter_fn: ``filter_fn(module, fqn) -> bool``; a site is converted only when it returns True
             for the site's module (norm or activation). None converts everything eligible.
         verify: (default on) record the original's outputs on one small batch before rewriting,
@@ -45,6 +48,7 @@ class ConvertConfig:
 
     activations: bool | str = True
     norms: bool = True
+    adapter_inputs: bool = True
     filter_fn: FilterFn | None = None
     verify: bool = True
     verify_rtol: float | None = None
@@ -96,7 +100,7 @@ def validate(config: ConvertConfig) -> None:
             f"ConvertConfig.activations must be one of {ACTIVATION_MODES} (True means 'auto'), "
             f"got {config.activations!r}"
         )
-    for name in ("norms", "verify", "untie_embeddings", "measure_memory"):
+    for name in ("norms", "adapter_inputs", "verify", "untie_embeddings", "measure_memory"):
         _bool(name, getattr(config, name))
     if config.filter_fn is not None and not callable(config.filter_fn):
         raise TypeError(f"ConvertConfig.filter_fn must be a callable (module, fqn) -> bool, got {config.filter_fn!r}")

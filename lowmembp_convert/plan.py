@@ -75,12 +75,29 @@ class ActivationSite:
     reason: str = ""
 
 
+# share: the PEFT layer hands its narrow input to lora_A, which upcasts inside (exact) and keeps it narrow.
+AdapterAction = Literal["share", "skip"]
+
+
+@dataclass
+class AdapterSite:
+    """A PEFT LoRA layer whose adapters (wider than its input) keep an upcast copy of the input."""
+
+    module: str  # the PEFT layer, e.g. "base_model.model.model.layers.0.self_attn.q_proj"
+    adapters: tuple[str, ...] = ()  # adapter names whose lora_A input is the upcast
+    action: AdapterAction = "skip"
+    # bytes lora_A keeps for backward on the example batch: "stock" (the upcast copy), "share" (the input)
+    estimate: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+
+
 @dataclass
 class Plan:
     """Everything the analysis decided, before anything is changed."""
 
     norms: list[NormSite] = field(default_factory=list)
     activations: list[ActivationSite] = field(default_factory=list)
+    adapters: list[AdapterSite] = field(default_factory=list)
     capture: str = ""  # how the graph was captured, or why it could not be
     notes: list[str] = field(default_factory=list)
 

@@ -1,4 +1,9 @@
-"""The conversion report: what changed, what was skipped and why, and bytes saved when measured."""
+"""The conversion report, one type for ``convert()`` and for checkpoints (``convert_checkpoint``, the CLI).
+
+What changed, what was skipped and why, bytes saved when measured; for a checkpoint also the files
+read and written (:class:`CheckpointSummary`). ``str(report)`` is the human-readable form (the
+CLI's output), ``report.to_json()`` the machine-readable one (the CLI's ``--json``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from .plan import Plan
 
@@ -19,9 +25,85 @@ def _relative(consumer: str, norm: str) -> str:
     return consumer
 
 
+def _copy_mark(shares_output: bool, upcast_inside: bool) -> str:
+    if shares_output:
+        return ""
+    return " (upcast inside)" if upcast_inside else " (copy)"
+
+
+@dataclass
+class CheckpointSummary:
+    """What a checkpoint conversion read, changed and wrote (``Report.checkpoint``)."""
+
+    input: str
+    output: str | None  # None for a dry run without ckpt_out
+    dry_run: bool
+    kind: str  # "transformers", "timm" or "state_dict"
+    format: str  # "safetensors", "torch"...
+    architecture: str
+    shards: list[str]
+    index: str | None
+    tensors: int
+    bytes: int
+    key_rule: str  # how state-dict keys map to the model's parameter names
+    norms: list[dict[str, Any]]  # per norm: module, action, consumers, reason, already_folded
+    folded: list[str]
+    already_folded: list[str]
+    untied: list[str]
+    changed_tensors: list[str]
+    added_tensors: list[str]
+    carried_files: list[str]
+    skipped_files: list[str]
+    unconverted_state_dicts: list[str]
+    record: dict[str, Any]  # the conversion record written into the output's metadata
+    stale_temp_dirs: list[dict[str, Any]] = field(default_factory=list)
+    nothing_to_fold: str | None = None  # why a post-norm model has nothing to fold
+    written: bool = False
+    seconds: float = 0.0
+    verify: dict[str, Any] | None = None
+
+    def lines(self, model: str) -> list[str]:
+        lines = [
+            f"{'plan for' if self.dry_run else 'converted'} {self.input}",
+            f"  model: {model}; {self.format}, {len(self.shards)} shard(s), {self.bytes / 2**30:.2f} GiB",
+        ]
+        width = max((len(s["module"]) for s in self.norms), default=0)
+        for site in self.norms:
+            action = "folded" if site["action"] == "fold" and site["already_folded"] else site["action"]
+            detail = f"-> {', '.join(site['consumers'])}" if site["action"] == "fold" else site["reason"]
+            lines.append(f"  {action:<12} {site['module']:<{width}}  {detail}")
+        lines.append(
+            f"  {len(self.folded)} norm(s) folded now, {len(self.already_folded)} already folded; "
+            f"{len(self.changed_tensors)} tensor(s) changed, {len(self.added_tensors)} added"
+        )
+        if self.nothing_to_fold and (self.dry_run or self.written):
+            lines.append(f"  {self.nothing_to_fold}")  # a run that writes nothing says it on stderr
+        if self.untied:
+            lines.append(f"  untied from the input embedding: {', '.join(self.untied)}")
+        if self.skipped_files:
+            lines.append(f"  not carried over (unconverted weights): {', '.join(self.skipped_files)}")
+        if self.unconverted_state_dicts:
+            names = ", ".join(repr(k) for k in self.unconverted_state_dicts)
+            lines.append(f"  carried over unconverted (another state dict in the file): {names}")
+        if self.verify:
+            err = self.verify.get("max_rel_error")
+            rtol = self.verify.get("rtol")
+            detail = f"max relative error {err:.3g} (rtol {rtol:.3g})" if err is not None else self.verify["reason"]
+            lines.append(f"  verify: {self.verify['status']}, {detail}")
+        if self.dry_run:
+            where = "(nothing written: --dry-run)"
+        elif not self.written:
+            where = "(nothing written: nothing to fold; --force-copy writes an unchanged copy)"
+        else:
+            where = f"in {self.seconds:.1f} s"
+        lines.append(f"  output: {self.output or '-'} {where}")
+        return lines
+
+
 @dataclass
 class Report:
-    """Printable summary of one ``convert()`` call (``print(model.lowmembp_report)``)."""
+    """Printable summary of one conversion: ``print(model.lowmembp_report)`` after ``convert()``, or
+    what ``convert_checkpoint`` returns (then ``checkpoint`` is set)."""
 
     model: str
     plan: Plan
@@ -31,6 +113,7 @@ class Report:
     trainable_before: int | None = None  # trainable parameter tensors before / after
     trainable_after: int | None = None
     previous: Report | None = None  # the report of an earlier convert() of the same model
+    checkpoint: CheckpointSummary | None = None  # set for a checkpoint conversion
 
     @property
     def converted_norms(self) -> int:
@@ -41,8 +124,12 @@ class Report:
         return sum(s.action == "convert" for s in self.plan.activations)
 
     @property
+    def converted_adapters(self) -> int:
+        return sum(s.action == "share" for s in self.plan.adapters)
+
+    @property
     def changed(self) -> bool:
-        return bool(self.converted_norms or self.converted_activations)
+        return bool(self.converted_norms or self.converted_activations or self.converted_adapters)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,6 +138,8 @@ class Report:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
+        if self.checkpoint is not None:  # the plan's notes are in to_json()
+            return "\n".join(self.checkpoint.lines(self.model))
         plan = self.plan
         actions = Counter(s.action for s in plan.norms)
         kinds = Counter(f"{s.kind} {s.option}" for s in plan.activations if s.action == "convert")
@@ -76,6 +165,11 @@ class Report:
             f"  norms: {actions['fold']} folded, {actions['keep_affine']} memory-sharing with own affine, "
             f"{actions['skip']} skipped"
         )
+        if plan.adapters:
+            lines.append(
+                f"  PEFT adapter inputs: {self.converted_adapters} layer(s) hand lora_A the narrow input, which it "
+                f"keeps instead of an upcast copy, {sum(s.action == 'skip' for s in plan.adapters)} skipped"
+            )
         if self.bytes_before is not None and self.bytes_after is not None and self.bytes_before:
             saved = 1 - self.bytes_after / self.bytes_before
             lines.append(
@@ -89,19 +183,23 @@ class Report:
                 f"({folded} norm affine tensor(s) folded into trainable consumers, which now carry them)"
             )
         if not self.changed:
-            lines.append("  nothing to convert: no GELU/SiLU module and no foldable LayerNorm/RMSNorm found")
+            lines.append(
+                "  nothing to convert: no GELU/SiLU module, no foldable LayerNorm/RMSNorm "
+                "and no upcast PEFT adapter input"
+            )
+        shared = {f"{a.module}.lora_A.{n}" for a in plan.adapters if a.action == "share" for n in a.adapters}
         if plan.norms:
             width = max(len(s.module) for s in plan.norms)
             lines.append("  norm sites:")
             for s in plan.norms:
                 consumers = ", ".join(
-                    _relative(c.module, s.module) + ("" if c.shares_output else " (copy)") for c in s.consumers
+                    _relative(c.module, s.module) + _copy_mark(c.shares_output, c.module in shared) for c in s.consumers
                 )
                 detail = f"{s.kind} -> {consumers}" if consumers else s.kind
                 lines.append(f"    {s.module:<{width}}  {s.action:<11}  {detail}")
                 if s.reason:
                     lines.append(f"    {'':<{width}}  {'':<11}  ({s.reason})")
-            if any(not c.shares_output for s in plan.norms for c in s.consumers):
+            if any(not c.shares_output and c.module not in shared for s in plan.norms for c in s.consumers):
                 lines.append(
                     "    (copy): that consumer receives a copy of the norm output (a cast, a pad...), so it keeps "
                     "a tensor of its own for backward"
@@ -117,6 +215,15 @@ class Report:
                 lines.append(f"    {a.module:<{width}}  {choice:<9}  {describe(a.estimate) if a.estimate else ''}")
                 if a.reason:
                     lines.append(f"    {'':<{width}}  {'':<9}  ({a.reason})")
+        if plan.adapters:
+            from .rewrites.planner import describe
+
+            width = max(len(a.module) for a in plan.adapters)
+            lines.append("  PEFT adapter sites (bytes lora_A keeps for backward on the example batch):")
+            for a in plan.adapters:
+                lines.append(f"    {a.module:<{width}}  {a.action:<5}  {describe(a.estimate) if a.estimate else ''}")
+                if a.reason:
+                    lines.append(f"    {'':<{width}}  {'':<5}  ({a.reason})")
         for note in plan.notes + self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..config import ConvertConfig
 from ..plan import Plan
+from ..report import CheckpointSummary, Report
 from .atomic import (
     TEMP_MARKER,
     atomic_output,
@@ -41,7 +42,6 @@ from .errors import CheckpointError
 from .formats import CONFIG_FILE, CheckpointLayout, detect_checkpoint, weight_format_of
 from .load import MetaModel, build_meta_model, check_shapes, describe_model, match_keys, tied_groups
 from .metadata import (
-    METADATA_KEY,
     conversion_record,
     record_from_config,
     record_from_safetensors_metadata,
@@ -263,8 +263,9 @@ def convert_checkpoint(
     planner: Planner | None = None,
     log: Log | None = None,
     on_commit: Callable[[Path], None] | None = None,
-) -> dict[str, Any]:
-    """Convert ``ckpt_in`` into ``ckpt_out`` (see the module docstring); return the report.
+) -> Report:
+    """Convert ``ckpt_in`` into ``ckpt_out`` (see the module docstring); return the
+    :class:`~lowmembp_convert.report.Report` (its ``checkpoint`` says what was read and written).
 
     Args:
         ckpt_in: a transformers/timm model directory, or a state-dict file (then ``arch`` is needed).
@@ -309,7 +310,7 @@ def _convert(
     planner: Planner,
     log: Log | None,
     on_commit: Callable[[Path], None] | None,
-) -> dict[str, Any]:
+) -> Report:
     start = time.perf_counter()
     if ckpt_out is None and not dry_run:
         raise CheckpointError(ckpt_in, "no ckpt_out given", "say where to write the output, or pass --dry-run")
@@ -320,7 +321,7 @@ def _convert(
     meta = build_meta_model(layout, arch, model_kwargs, set(store.keys()))
     keymap = match_keys(meta.model, set(store.keys()), layout.path, meta.library)
     check_shapes(meta, keymap, {k: e.shape for k, e in store.entries.items()}, layout.path, layout.kind)
-    config = ConvertConfig(activations=False, untie_embeddings=untie_embeddings)
+    config = ConvertConfig(activations=False, adapter_inputs=False, untie_embeddings=untie_embeddings)
     with deferred_interrupts():  # a KeyboardInterrupt inside fake-tensor tracing can abort the process
         plan = planner(meta.model, config)
     if plan.capture.startswith("failed"):
@@ -335,26 +336,26 @@ def _convert(
         meta.arch, edits.folded + edits.already_folded, edits.untied, _previous_record(layout, store)
     )
     report = _report(layout, store, meta, plan, edits, out, keymap.rule, record, dry_run)
-    report["stale_temp_dirs"] = stale
-    report["nothing_to_fold"] = _nothing_to_fold(edits)
-    report["written"] = False
-    if dry_run or (report["nothing_to_fold"] and not force_copy):
+    summary = report.checkpoint
+    summary.stale_temp_dirs = stale
+    summary.nothing_to_fold = _nothing_to_fold(edits)
+    if dry_run or (summary.nothing_to_fold and not force_copy):
         store.close()
-        report["seconds"] = round(time.perf_counter() - start, 3)
+        summary.seconds = round(time.perf_counter() - start, 3)
         return report
     assert out is not None
     try:
         with atomic_output(out, replace=force, on_commit=on_commit) as staged:
             _write(layout, store, edits, record, staged, progress)
             if verify:
-                report["verify"] = _verify(meta, layout, staged, store, verify_rtol, out)
+                summary.verify = _verify(meta, layout, staged, store, verify_rtol, out)
     except OSError as exc:
         raise _write_error(exc, out) from exc
     if layout.is_directory:
         _copy_mode(layout.path, out)  # after the rename: a read-only directory could not be moved
-    report["written"] = True
+    summary.written = True
     store.close()
-    report["seconds"] = round(time.perf_counter() - start, 3)
+    summary.seconds = round(time.perf_counter() - start, 3)
     return report
 
 
@@ -390,30 +391,28 @@ def _report(
     key_rule: str,
     record: dict,
     dry_run: bool,
-) -> dict[str, Any]:
-    return {
-        "input": str(layout.path),
-        "output": str(out) if out is not None else None,
-        "dry_run": dry_run,
-        "kind": layout.kind,
-        "format": layout.format,
-        "model": describe_model(meta),
-        "architecture": meta.arch,
-        "shards": list(layout.shards),
-        "index": layout.index_file,
-        "tensors": len(store.entries),
-        "bytes": store.total_bytes(),
-        "key_rule": key_rule,
-        "capture": plan.capture,
-        "notes": list(plan.notes),
-        "norms": edits.sites,
-        "folded": edits.folded,
-        "already_folded": edits.already_folded,
-        "untied": edits.untied,
-        "changed_tensors": sorted(edits.edits),
-        "added_tensors": sorted(edits.added),
-        "carried_files": list(layout.carried_files),
-        "skipped_files": list(layout.skipped_files),
-        "unconverted_state_dicts": [k for f in store.torch_files.values() for k in f.other_state_dicts],
-        METADATA_KEY: record,
-    }
+) -> Report:
+    summary = CheckpointSummary(
+        input=str(layout.path),
+        output=str(out) if out is not None else None,
+        dry_run=dry_run,
+        kind=layout.kind,
+        format=layout.format,
+        architecture=meta.arch,
+        shards=list(layout.shards),
+        index=layout.index_file,
+        tensors=len(store.entries),
+        bytes=store.total_bytes(),
+        key_rule=key_rule,
+        norms=edits.sites,
+        folded=edits.folded,
+        already_folded=edits.already_folded,
+        untied=edits.untied,
+        changed_tensors=sorted(edits.edits),
+        added_tensors=sorted(edits.added),
+        carried_files=list(layout.carried_files),
+        skipped_files=list(layout.skipped_files),
+        unconverted_state_dicts=[k for f in store.torch_files.values() for k in f.other_state_dicts],
+        record=record,
+    )
+    return Report(model=describe_model(meta), plan=plan, checkpoint=summary)

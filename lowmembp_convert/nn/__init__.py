@@ -1,7 +1,7 @@
 """Thin modules over the ops: what the converter swaps into a model."""
 
 from .activations import ReGELU2, ReSiLU2
-from .linear import TwinLinear
+from .linear import TwinLinear, UpcastInputLinear
 from .norms import MSLayerNorm, MSRMSNorm
 
-__all__ = ["MSLayerNorm", "MSRMSNorm", "ReGELU2", "ReSiLU2", "TwinLinear"]
+__all__ = ["MSLayerNorm", "MSRMSNorm", "ReGELU2", "ReSiLU2", "TwinLinear", "UpcastInputLinear"]

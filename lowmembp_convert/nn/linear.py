@@ -1,4 +1,8 @@
-"""The Linear that reads a post-norm MS norm's autocast twin: see :mod:`lowmembp_convert.ops.norm_twin`.
+"""Linear layers the converter swaps in, holding the stock layer's Parameters.
+
+:class:`TwinLinear` reads a post-norm MS norm's autocast twin (:mod:`lowmembp_convert.ops.norm_twin`);
+:class:`UpcastInputLinear` takes a narrower input than its weight and upcasts inside, keeping the
+narrow input for backward (PEFT adapters: :mod:`lowmembp_convert.rewrites.adapter_inputs`).
 
 The converter swaps each ``nn.Linear`` fed by a post-norm memory-sharing norm (plan action
 ``keep_affine`` without ``autocast_output``) for a :class:`TwinLinear` holding the same Parameter
@@ -14,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowmembp_convert.ops.norm_twin import autocast_twin_of, linear_on_twin
+from lowmembp_convert.ops.recompute import exact_upcast, upcast_linear
 
-__all__ = ["TwinLinear"]
+__all__ = ["TwinLinear", "UpcastInputLinear"]
 
 
 class TwinLinear(nn.Linear):
@@ -58,3 +63,25 @@ class TwinLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", reads the autocast twin of a post-norm MS norm"
+
+
+class UpcastInputLinear(nn.Linear):
+    """``nn.Linear`` that accepts an input narrower than its weight (bf16 into an fp32 adapter).
+
+    ``y = linear(x.to(weight.dtype))``, computed by one op that keeps x (narrow, usually the very
+    tensor the layer before keeps anyway) for backward instead of the upcast copy. The upcast is
+    exact, so outputs and gradients are those of the cast followed by ``nn.Linear``. An input in the
+    weight's dtype takes the plain ``nn.Linear`` path. The converter turns a plain ``nn.Linear`` into
+    this class in place (``__class__``), so the object, its Parameters and hooks stay.
+    """
+
+    exact_forward = True
+    exact_backward = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype != self.weight.dtype and exact_upcast(input.dtype, self.weight.dtype):
+            return upcast_linear(input, self.weight, self.bias)
+        return F.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", upcasts a narrower input inside (keeps it narrow for backward)"

@@ -14,6 +14,9 @@ reference otherwise. Gradients are the exact ones (no approximation); the rebuil
 forward's bit for bit.
 
 Saved for backward: a, u (None for a plain MLP), and the weight (a parameter, kept anyway).
+
+Kind ``"none"`` (:func:`upcast_linear`) is the same op without an activation: ``y = linear(a.to(W.dtype))``
+keeps a in its narrow dtype instead of the upcast copy (PEFT's fp32 adapters on a bf16 model).
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from torch import Tensor
 
 from lowmembp_convert.dispatch import use_triton
 
-__all__ = ["act_linear", "KINDS", "LAYOUTS"]
+__all__ = ["act_linear", "upcast_linear", "KINDS", "LAYOUTS", "exact_upcast"]
 
 KINDS = ("gelu", "gelu_tanh", "silu")
+_ALL_KINDS = (*KINDS, "none")  # "none": no activation, only the cast (upcast_linear)
 LAYOUTS = ("linear", "conv1d")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _act(a: Tensor, kind: str) -> Tensor:
+    if kind == "none":
+        return a
     if kind == "silu":
         return F.silu(a)
     return F.gelu(a, approximate="tanh" if kind == "gelu_tanh" else "none")
@@ -43,13 +49,13 @@ def _launchers():
     return recompute_launch
 
 
-def _takes_triton(a: Tensor) -> bool:
-    return a.dtype in _KERNEL_DTYPES and use_triton(a)
+def _takes_triton(a: Tensor, kind: str) -> bool:
+    return kind != "none" and a.dtype in _KERNEL_DTYPES and use_triton(a)
 
 
 def rebuild(a: Tensor, u: Tensor | None, kind: str) -> Tensor:
     """p = act(a) [* u], with the stock ops' rounding (act rounded to a's dtype, then the product)."""
-    if _takes_triton(a) and (u is None or u.dtype == a.dtype):
+    if _takes_triton(a, kind) and (u is None or u.dtype == a.dtype):
         return _launchers().triton_rebuild(a, u, kind)
     h = _act(a, kind)
     return h if u is None else h * u
@@ -57,8 +63,10 @@ def rebuild(a: Tensor, u: Tensor | None, kind: str) -> Tensor:
 
 def act_grads(dp: Tensor, a: Tensor, u: Tensor | None, kind: str) -> tuple[Tensor, Tensor | None]:
     """(da, du) from dp = dL/dp, as the stock mul and activation backward compute them."""
-    if _takes_triton(a) and dp.dtype == a.dtype and (u is None or u.dtype == a.dtype):
+    if _takes_triton(a, kind) and dp.dtype == a.dtype and (u is None or u.dtype == a.dtype):
         return _launchers().triton_act_grads(dp, a, u, kind)
+    if kind == "none":
+        return dp, None
     if u is None:
         dh, du = dp, None
     else:
@@ -96,13 +104,22 @@ def _(a, u, weight, bias, kind, layout, p_dtype):
 
 def _setup_context(ctx, inputs, output) -> None:
     a, u, weight, bias, kind, layout, p_dtype = inputs
-    ctx.save_for_backward(a, u, weight)  # the whole saved state: a, u and the weight; not act(a), not p
+    # the whole saved state: a, u and the weight (only when a or u needs its gradient: under autocast
+    # the weight is a fresh 16-bit cast); not act(a), not p
+    needs_dp = a.requires_grad or (u is not None and u.requires_grad)
+    ctx.save_for_backward(a, u, weight if needs_dp else None)
+    ctx.weight_dtype = weight.dtype
     ctx.kind, ctx.layout, ctx.p_dtype = kind, layout, p_dtype
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy: Tensor):
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if ctx.kind == "none":
+            raise RuntimeError(
+                "lowmembp_convert: double backward (create_graph=True) through a LoRA adapter whose input is "
+                "kept narrow is not supported; convert with adapter_inputs=False"
+            )
         raise RuntimeError(
             "lowmembp_convert: double backward (create_graph=True) through an MLP converted with the exact "
             "recompute option is not supported; convert with activations=False (or exclude the MLP with filter_fn)"
@@ -115,7 +132,7 @@ def _backward(ctx, dy: Tensor):
         if need_w:
             p2d = rebuild(a, u, ctx.kind).to(ctx.p_dtype).reshape(-1, a.shape[-1])
             dweight = dy2d.t() @ p2d if ctx.layout == "linear" else p2d.t() @ dy2d
-            dweight = dweight.to(weight.dtype)
+            dweight = dweight.to(ctx.weight_dtype)
         if need_b and ctx.has_bias:
             dbias = dy2d.sum(0)
         if need_a or need_u:
@@ -162,3 +179,29 @@ def act_linear(
         weight = weight.to(low)
         bias = bias.to(low) if bias is not None else None
     return _act_linear(a, u, weight, bias, kind, layout, p_dtype)
+
+
+def exact_upcast(narrow: torch.dtype, wide: torch.dtype) -> bool:
+    """Every value of ``narrow`` is a value of ``wide`` (so ``x.to(wide).to(narrow)`` is ``x``)."""
+    exact = {torch.float16: (torch.float32, torch.float64), torch.bfloat16: (torch.float32, torch.float64)}
+    exact[torch.float32] = (torch.float64,)
+    return wide in exact.get(narrow, ())
+
+
+def upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x.to(weight.dtype), weight, bias)`` keeping x (narrow) for backward, not the upcast copy.
+
+    Forward and gradients are those of the two stock ops (the upcast is exact, so the copy is
+    rebuilt bit for bit in backward); the input gradient is rounded back to x's dtype, as the
+    stock cast's backward does.
+    """
+    if not exact_upcast(x.dtype, weight.dtype):
+        raise ValueError(f"upcast_linear: {x.dtype} -> {weight.dtype} is not an exact upcast")
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return F.linear(x.to(weight.dtype), weight, bias)
+    p_dtype = weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        p_dtype = torch.get_autocast_dtype(x.device.type)
+        weight = weight.to(p_dtype)
+        bias = bias.to(p_dtype) if bias is not None else None
+    return _act_linear(x, None, weight, bias, "none", "linear", p_dtype)

@@ -15,6 +15,7 @@ from ..nn.activations import ReGELU2, ReSiLU2
 from ..nn.linear import TwinLinear
 from ..nn.norms import MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
+from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
 from .norms import module_hooks
 from .recompute import rewrite_container
@@ -193,4 +194,5 @@ def apply_plan(
         replace_module(model, old, _activation_for(site, old))
     for container, sites in containers.items():
         rewrite_container(model.get_submodule(container), sites)
+    apply_adapter_inputs(model, plan)
     return notes

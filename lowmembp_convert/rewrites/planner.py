@@ -24,8 +24,9 @@ def _size(n: int) -> str:
 
 
 def describe(estimate: dict[str, int]) -> str:
-    names = {"stock": "stock", "approx": "2-bit", "recompute": "recompute"}
-    return ", ".join(f"{names[k]} {_size(v)}" for k, v in sorted(estimate.items(), key=lambda kv: OPTIONS.index(kv[0])))
+    names = {"stock": "stock", "approx": "2-bit", "recompute": "recompute", "share": "narrow input"}
+    order = (*OPTIONS, "share")
+    return ", ".join(f"{names[k]} {_size(v)}" for k, v in sorted(estimate.items(), key=lambda kv: order.index(kv[0])))
 
 
 def plan_activations(

@@ -43,7 +43,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="fold_norms",
         module="lowmembp_convert.rewrites.norms",
-        options={"norms": True, "activations": False},
+        options={"norms": True, "activations": False, "adapter_inputs": False},
         sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=True, keeps_state_dict_keys=True
@@ -52,7 +52,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="approx_activations",
         module="lowmembp_convert.rewrites.activations",
-        options={"norms": False, "activations": "approx"},
+        options={"norms": False, "activations": "approx", "adapter_inputs": False},
         sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "approx"],
         contract=Contract(
             exact_forward=True, exact_backward=False, changes_parameter_values=False, keeps_state_dict_keys=True
@@ -61,8 +61,17 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="recompute_activations",
         module="lowmembp_convert.rewrites.recompute",
-        options={"norms": False, "activations": "recompute"},
+        options={"norms": False, "activations": "recompute", "adapter_inputs": False},
         sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "recompute"],
+        contract=Contract(
+            exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
+        ),
+    ),
+    Rewrite(
+        name="share_adapter_inputs",
+        module="lowmembp_convert.rewrites.adapter_inputs",
+        options={"norms": False, "activations": False, "adapter_inputs": True},
+        sites=lambda plan: [s.module for s in plan.adapters if s.action == "share"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
         ),

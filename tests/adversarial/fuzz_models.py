@@ -230,5 +230,26 @@ class FuzzModel(nn.Module):
         return linear(F.dropout(y, 0.1, self.training))
 
 
+def with_lora(model: nn.Module, seed: int) -> nn.Module:
+    """PEFT LoRA injected into a random subset of the Linears (in place), each wrapped layer's adapters
+    in float64 with probability 0.8 (wider than the float32 input, as PEFT's fp32 adapters on a bf16
+    model) and random lora_dropout."""
+    import peft
+
+    rng = random.Random(seed + 10_000)
+    names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})
+    targets = rng.sample(names, rng.randint(1, len(names)))
+    config = peft.LoraConfig(
+        r=2, target_modules=targets, lora_dropout=rng.choice([0.0, 0.0, 0.1]), init_lora_weights=False
+    )
+    torch.manual_seed(seed)
+    peft.inject_adapter_in_model(config, model)
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and rng.random() < 0.8:
+            module.lora_A.double()
+            module.lora_B.double()
+    return model
+
+
 def example_inputs(seed: int, batch: int = 2) -> tuple[tuple, dict]:
     return (torch.randn(batch, TOKENS, D, generator=torch.Generator().manual_seed(seed + 7)),), {}

@@ -73,14 +73,32 @@ def outputs(model: nn.Module, inputs: tuple[tuple, dict], *, train: bool = False
             m.training = t
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def gradients(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The gradients of a random projection of every output: at the input, and at each trainable
+    parameter (by name; None where the loss does not reach it)."""
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
     outs = [t for t in tensors_of(model(x)) if t.is_floating_point()]
     gen = torch.Generator().manual_seed(seed + 1)
     loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outs)
-    (grad,) = torch.autograd.grad(loss, x)
-    return grad
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *(p for _, p in params)], allow_unused=True)
+    return grads[0], {name: g for (name, _), g in zip(params, grads[1:], strict=True)}
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    return gradients(model, x, seed)[0]
+
+
+def _folded_into(converted: nn.Module) -> set[str]:
+    """Parameter names whose gradients a fold changes by design (the consumers' weights and biases,
+    under every name they have)."""
+    ids = set()
+    for site in converted.lowmembp_report.plan.norms:
+        if site.action == "fold":
+            for consumer in site.consumers:
+                ids.update(id(converted.get_parameter(n)) for n in (consumer.weight, consumer.bias) if n)
+    return {name for name, p in converted.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
 def assert_function_kept(original: nn.Module, converted: nn.Module, inputs, rtol: float = 1e-5) -> None:
@@ -134,6 +152,11 @@ def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None,
     if exact and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
         for m in (original, model):
             m.train()
-        a, b = input_grad(original, args[0]), input_grad(model, args[0])
+        (a, params_a), (b, params_b) = gradients(original, args[0]), gradients(model, args[0])
         assert rel(a, b) < 1e-5, f"input gradient differs: {rel(a, b):.2e}"
+        for name in params_a.keys() & params_b.keys() - _folded_into(model):
+            ga, gb = params_a[name], params_b[name]
+            assert (ga is None) == (gb is None), f"{name}: gradient reached in one model only"
+            if ga is not None:
+                assert rel(ga, gb) < 1e-5, f"gradient of {name} differs: {rel(ga, gb):.2e}"
     return model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuzz_models import FuzzModel, example_inputs
+from fuzz_models import FuzzModel, example_inputs, with_lora
 from rule import convert_checked
 
 SEEDS = range(300)
@@ -32,4 +32,14 @@ def test_random_model_keeps_the_rule(seed: int) -> None:
     model = FuzzModel(seed)
     result = convert_checked(model, example_inputs(seed), activations=bool(seed % 2), verify=seed % 4 == 0)
     # with verify off nothing may be refused; with it on, a refusal would mean the analysis was wrong
+    assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"
+
+
+@pytest.mark.parametrize("seed", range(0, 300, 5))
+def test_random_model_with_lora_adapters_keeps_the_rule(seed: int) -> None:
+    """The same models with PEFT LoRA injected (wider adapters, dropout, shared and frozen layers),
+    converted exactly (activations off): outputs, input and parameter gradients as before."""
+    pytest.importorskip("peft")
+    model = with_lora(FuzzModel(seed), seed)
+    result = convert_checked(model, example_inputs(seed), activations=False, norms=seed % 2 == 0, verify=False)
     assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"

@@ -31,10 +31,13 @@ def test_json_report_and_verify(saved_llama, tmp_path, capsys):
     _, src = saved_llama
     code, stdout, err = cli([src, tmp_path / "out", "--json", "--verify"], capsys)
     assert code == 0, err
-    report = json.loads(stdout)
-    assert report["verify"]["status"] == "passed" and report["verify"]["max_rel_error"] < 1e-5
-    for key in ("input", "output", "norms", "folded", "changed_tensors", "shards", "lowmembp_convert", "seconds"):
-        assert key in report
+    report = json.loads(stdout)  # the Report's to_json(): the plan and the checkpoint part
+    summary = report["checkpoint"]
+    assert summary["verify"]["status"] == "passed" and summary["verify"]["max_rel_error"] < 1e-5
+    for key in ("input", "output", "norms", "folded", "changed_tensors", "shards", "record", "seconds"):
+        assert key in summary
+    assert summary["record"]["folded"] == summary["folded"]
+    assert [s["module"] for s in report["plan"]["norms"]] == [s["module"] for s in summary["norms"]]
     assert err == ""  # --json: no progress bar
 
 
@@ -52,7 +55,7 @@ def test_converting_a_converted_checkpoint_changes_nothing(saved_llama, tmp_path
     assert cli([src, once, "--quiet"], capsys)[0] == 0
     code, stdout, err = cli([once, twice, "--json"], capsys)
     assert code == 0, err
-    report = json.loads(stdout)
+    report = json.loads(stdout)["checkpoint"]
     assert report["folded"] == [] and report["changed_tensors"] == []
     assert report["already_folded"] == json.loads((once / "config.json").read_text())["lowmembp_convert"]["folded"]
     for shard in sorted(once.glob("*.safetensors")):
@@ -69,7 +72,7 @@ def test_state_dict_with_transformers_config_as_arch(tmp_path, capsys):
     digest = tree_digest(src)
     code, stdout, err = cli([src, out, "--arch", config_dir, "--json"], capsys)
     assert code == 0, err
-    assert json.loads(stdout)["folded"]
+    assert json.loads(stdout)["checkpoint"]["folded"]
     reloaded = type(original)(original.config).eval()
     reloaded.load_state_dict(load_file(out))
     inputs = model_inputs(original)
@@ -86,7 +89,7 @@ def test_other_weight_formats_are_not_carried(tmp_path, capsys):
     torch.save(original.state_dict(), src / "pytorch_model.bin")  # a stale duplicate in another format
     code, stdout, err = cli([src, out, "--json"], capsys)
     assert code == 0, err
-    assert json.loads(stdout)["skipped_files"] == ["pytorch_model.bin"]
+    assert json.loads(stdout)["checkpoint"]["skipped_files"] == ["pytorch_model.bin"]
     assert not (out / "pytorch_model.bin").exists()
 
 

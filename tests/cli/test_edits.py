@@ -46,7 +46,7 @@ def llama_plan(model, config) -> Plan:
 def test_untie_with_a_hand_written_plan(saved_llama, tmp_path):
     original, src = saved_llama
     report = convert_checkpoint(src, tmp_path / "out", untie_embeddings=True, progress=False, planner=llama_plan)
-    assert report["added_tensors"] == ["lm_head.weight"] and report["untied"] == ["lm_head.weight"]
+    assert report.checkpoint.added_tensors == ["lm_head.weight"] and report.checkpoint.untied == ["lm_head.weight"]
     reloaded = type(original).from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.tie_word_embeddings is False
     assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
@@ -110,7 +110,7 @@ def saved_gpt2(tmp_path_factory: pytest.TempPathFactory):
 def test_weight_and_bias_fold_into_conv1d(saved_gpt2, tmp_path):
     original, src = saved_gpt2
     report = convert_checkpoint(src, tmp_path / "out", progress=False, planner=gpt2_ln_1_plan(fold_bias=True))
-    assert report["folded"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
+    assert report.checkpoint.folded == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["lowmembp_convert"]["folded"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
     reloaded = type(original).from_pretrained(tmp_path / "out").eval()
@@ -132,8 +132,13 @@ def test_fold_leaving_the_bias_in_the_norm_is_an_internal_error(saved_gpt2, tmp_
 def test_dry_run_writes_nothing(saved_llama, tmp_path):
     _, src = saved_llama
     report = convert_checkpoint(src, tmp_path / "out", dry_run=True, planner=llama_plan)
-    assert report["dry_run"] and report["changed_tensors"]
+    assert report.checkpoint.dry_run and report.checkpoint.changed_tensors
     assert list(tmp_path.iterdir()) == []
+    # one Report type for convert() and checkpoints: the same class, its text and its JSON
+    from lowmembp_convert.report import Report
+
+    assert isinstance(report, Report) and str(report).startswith(f"plan for {src}")
+    assert json.loads(report.to_json())["checkpoint"]["changed_tensors"] == report.checkpoint.changed_tensors
 
 
 class _Entry:

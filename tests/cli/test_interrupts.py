@@ -110,10 +110,10 @@ def test_swallowed_interrupt_still_writes_nothing(saved_llama, tmp_path, capsys,
 def test_interrupt_after_the_output_is_complete_exits_0(saved_llama, tmp_path, capsys, monkeypatch):
     _, src = saved_llama
 
-    def interrupted(report):
+    def interrupted(report, as_json):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "format_report", interrupted)
+    monkeypatch.setattr(cli_module, "print_report", interrupted)
     out = tmp_path / "out"
     code, _, err = cli([src, out, "--quiet"], capsys)
     assert code == 0
@@ -192,7 +192,7 @@ def test_stale_temp_dir_of_a_killed_run_is_removed(saved_llama, tmp_path, capsys
     assert not stale.exists() and leftovers(tmp_path) == []
     assert f"lowmembp-convert: removed stale temporary directory {stale} (1.0 MiB)" in err
     assert "which is no longer running" in err
-    (entry,) = json.loads(stdout)["stale_temp_dirs"]
+    (entry,) = json.loads(stdout)["checkpoint"]["stale_temp_dirs"]
     assert entry["path"] == str(stale) and entry["action"] == "removed" and entry["bytes"] >= 1 << 20
 
 

@@ -77,7 +77,8 @@ def test_dry_run_without_ckpt_out(saved_llama, capsys):
     assert "fold         model.layers.0.input_layernorm" in out
     assert out.strip().endswith("output: - (nothing written: --dry-run)")
     code, out, err = cli([src, "--dry-run", "--json"], capsys)
-    assert code == 0 and json.loads(out)["output"] is None and json.loads(out)["written"] is False
+    summary = json.loads(out)["checkpoint"]
+    assert code == 0 and summary["output"] is None and summary["written"] is False
 
 
 def test_model_kwargs_refused_for_transformers_directory(saved_llama, tmp_path, capsys):
@@ -110,7 +111,7 @@ def test_model_kwargs_override_config_of_arch_directory(tmp_path, capsys):
     code, stdout, err = cli(argv, capsys)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["verify"]["status"] == "passed" and report["folded"]
+    assert report["checkpoint"]["verify"]["status"] == "passed" and report["checkpoint"]["folded"]
     assert "id2label" not in err  # no warning about the saved label names
     reloaded = type(original)(config).eval()
     reloaded.load_state_dict(load_file(out))
@@ -136,7 +137,7 @@ def test_post_norm_model_writes_nothing_unless_force_copy(saved_bert, tmp_path, 
 
     code, stdout, err = cli([saved_bert, out, "--force-copy", "--json"], capsys)
     assert code == 0, err
-    report = json.loads(stdout)
+    report = json.loads(stdout)["checkpoint"]
     assert report["written"] is True and report["folded"] == [] and "post-norm" in report["nothing_to_fold"]
     assert set(tree_digest(out)) == set(tree_digest(saved_bert))
     assert load_file(out / "model.safetensors").keys() == load_file(saved_bert / "model.safetensors").keys()
@@ -179,8 +180,8 @@ def test_encoder_decoder_verify(tmp_path, capsys):
     code, stdout, err = cli([src, out, "--verify", "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["verify"]["status"] == "passed", report["verify"]
-    assert "decoder_input_ids" in report["verify"]["inputs"]
+    assert report["checkpoint"]["verify"]["status"] == "passed", report["checkpoint"]["verify"]
+    assert "decoder_input_ids" in report["checkpoint"]["verify"]["inputs"]
     reloaded = type(original).from_pretrained(out).eval()
     inputs = model_inputs(original)
     assert rel_err(first_output(original, inputs), first_output(reloaded, inputs)) < 1e-5
@@ -202,7 +203,8 @@ def test_dry_run_decides_on_real_norm_weights(family, tmp_path, capsys):
     model.save_pretrained(src)
     code, stdout, err = cli([src, "--dry-run", "--json"], capsys)
     assert code == 0, err
-    cli_actions = {site["module"]: (site["action"], site["reason"]) for site in json.loads(stdout)["norms"]}
+    sites = json.loads(stdout)["checkpoint"]["norms"]
+    cli_actions = {site["module"]: (site["action"], site["reason"]) for site in sites}
     plan = lowmembp_convert.plan_conversion(model, activations=False)  # real weights, as convert() sees them
     api_actions = {site.module: (site.action, site.reason) for site in plan.norms}
     assert cli_actions == api_actions

@@ -96,7 +96,7 @@ def test_timm_state_dict_round_trip(name, tmp_path, capsys):
     code, out, err = cli([src, dst, "--arch", name, "--model-kwargs", json.dumps(kwargs), "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert report["folded"], "expected some norms to fold"
+    assert report["checkpoint"]["folded"], "expected some norms to fold"
 
     if suffix == ".safetensors":
         state = load_file(str(dst))
@@ -105,7 +105,7 @@ def test_timm_state_dict_round_trip(name, tmp_path, capsys):
     else:
         state = torch.load(dst, weights_only=True)
         record = read_torch_record(load_torch_file(dst).tensors)
-    assert record["folded"] == sorted(report["folded"])
+    assert record["folded"] == sorted(report["checkpoint"]["folded"])
     reloaded = timm.create_model(name, pretrained=False, **kwargs).eval()
     sync_timm_input_size(reloaded, kwargs)
     reloaded.load_state_dict(state)  # strict: same keys as the stock model

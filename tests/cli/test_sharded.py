@@ -32,8 +32,8 @@ def test_sharded_round_trip_with_cross_shard_fold(saved_llama, tmp_path, capsys)
     where = index_in["weight_map"]
     crossing = [
         (site["module"], consumer)
-        for site in report["norms"]
-        if site["module"] in report["folded"]
+        for site in report["checkpoint"]["norms"]
+        if site["module"] in report["checkpoint"]["folded"]
         for consumer in site["consumers"]
         if where[f"{site['module']}.weight"] != where[f"{consumer}.weight"]
     ]
@@ -41,7 +41,7 @@ def test_sharded_round_trip_with_cross_shard_fold(saved_llama, tmp_path, capsys)
 
     for shard in shards:
         with safe_open(str(dst / shard), "pt") as f:
-            assert json.loads(f.metadata()["lowmembp_convert"])["folded"] == sorted(report["folded"])
+            assert json.loads(f.metadata()["lowmembp_convert"])["folded"] == sorted(report["checkpoint"]["folded"])
     assert (dst / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
     assert (dst / "extra" / "notes.txt").read_text() == "carried over"
 
@@ -52,7 +52,7 @@ def test_sharded_round_trip_with_cross_shard_fold(saved_llama, tmp_path, capsys)
     assert reloaded.config.tie_word_embeddings is True
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert "model.norm" not in report["folded"]
+    assert "model.norm" not in report["checkpoint"]["folded"]
     assert tree_digest(src) == digest
 
 
@@ -69,10 +69,10 @@ def test_untie_embeddings_roberta_sharded(tmp_path, capsys):
     code, out, err = cli([src, dst, "--json", "--untie-embeddings"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert "lm_head.layer_norm" in report["folded"], report["norms"][-1]
-    assert report["untied"] == ["lm_head.decoder.weight"]
+    assert "lm_head.layer_norm" in report["checkpoint"]["folded"], report["checkpoint"]["norms"][-1]
+    assert report["checkpoint"]["untied"] == ["lm_head.decoder.weight"]
     # the decoder's bias is tied to lm_head.bias; untied, the library no longer fills it, so it is stored
-    assert report["added_tensors"] == ["lm_head.decoder.bias", "lm_head.decoder.weight"]
+    assert report["checkpoint"]["added_tensors"] == ["lm_head.decoder.bias", "lm_head.decoder.weight"]
 
     index_out = _index(dst)
     embed_shard = index_in["weight_map"]["roberta.embeddings.word_embeddings.weight"]
@@ -105,11 +105,11 @@ def test_untie_embeddings_llama_keeps_final_norm(saved_llama, tmp_path, capsys):
     code, out, err = cli([src, dst, "--json", "--untie-embeddings"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    final = next(site for site in report["norms"] if site["module"] == "model.norm")
+    final = next(site for site in report["checkpoint"]["norms"] if site["module"] == "model.norm")
     assert final["action"] == "keep_affine", final
     assert "returned from the model's forward" in final["reason"]
-    assert "model.norm" not in report["folded"] and report["folded"]
-    assert report["untied"] == [] and report["added_tensors"] == []
+    assert "model.norm" not in report["checkpoint"]["folded"] and report["checkpoint"]["folded"]
+    assert report["checkpoint"]["untied"] == [] and report["checkpoint"]["added_tensors"] == []
     assert _index(dst)["weight_map"] == _index(src)["weight_map"]
     config = json.loads((dst / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
@@ -128,7 +128,7 @@ def test_untie_embeddings_bert_keeps_tied_bias_consistent(tmp_path, capsys):
     code, out, err = cli([src, dst, "--json", "--untie-embeddings"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert "cls.predictions.transform.LayerNorm" in report["folded"]
+    assert "cls.predictions.transform.LayerNorm" in report["checkpoint"]["folded"]
     reloaded = type(original).from_pretrained(dst).eval()
     embeddings = reloaded.bert.embeddings.word_embeddings.weight
     assert torch.equal(embeddings, original.bert.embeddings.word_embeddings.weight)
@@ -156,7 +156,7 @@ def test_sharded_pytorch_bin(tmp_path, capsys):
 
     code, out, err = cli([src, dst, "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["folded"]
+    assert json.loads(out)["checkpoint"]["folded"]
     assert sorted(p.name for p in dst.glob("*.bin")) == sorted(set(weight_map.values()))
     assert json.loads((dst / "pytorch_model.bin.index.json").read_text())["weight_map"] == weight_map
     reloaded = type(original).from_pretrained(dst).eval()

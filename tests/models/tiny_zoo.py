@@ -362,6 +362,34 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def _with_lora(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """PEFT LoRA on q and v with float64 adapters on a float32 model: wider adapters, as PEFT's
+    default fp32 adapters on a bf16 model, at precisions that keep the exactness checks tight."""
+
+    def make() -> nn.Module:
+        import peft
+
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(build(), config)
+        for name, module in model.named_modules():
+            if ".lora_" in name and isinstance(module, nn.Linear):
+                module.double()
+        return model
+
+    return make
+
+
+# Families outside the zoo-wide tests, for the checks that need them (the rewrite contracts).
+EXTRA_FAMILIES: dict[str, Family] = {
+    "llama_lora": Family(
+        "llama_lora",
+        _with_lora(_hf("LlamaForCausalLM", "LlamaConfig", **_DECODER, num_key_value_heads=2)),
+        inputs=_text_inputs(VOCAB),
+        embedding="base_model.model.model.embed_tokens.weight",
+    ),
+}
+
+
 def forward(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     args, kwargs = inputs
     return logits_of(model(*args, **kwargs))
