@@ -108,11 +108,7 @@ def plan_adapter_inputs(model: nn.Module, plan: Plan, capture: Capture, config) 
     # lora_A layers that receive an MS norm's output itself, which the norm emits in the autocast dtype
     # under autocast: there PEFT upcasts it to the adapters' dtype and autocast casts it back
     autocast_fed = {
-        c.module
-        for s in plan.norms
-        if s.action != "skip" and s.autocast_output
-        for c in s.consumers
-        if c.shares_output
+        c.module for s in plan.norms if s.action != "skip" and s.autocast_output for c in s.consumers if c.shares_output
     }
     for fqn, layer in layers:
         if config.filter_fn is not None and not config.filter_fn(layer, fqn):
