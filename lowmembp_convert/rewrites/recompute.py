@@ -285,18 +285,61 @@ def _trace(container: nn.Module) -> fx.Graph:
 
 
 def recompute_act_linear(
-    a: torch.Tensor, u: torch.Tensor | None, consumer: nn.Module, kind: str, layout: str
+    a: torch.Tensor,
+    u: torch.Tensor | None,
+    act: nn.Module,
+    between: tuple[nn.Module, ...],
+    consumer: nn.Module,
+    kind: str,
+    layout: str,
+    stamp: str,
 ) -> torch.Tensor:
-    """What a rewritten container calls in place of ``consumer(act(a) [* u])``.
+    """What a rewritten container calls in place of ``consumer(*between(act(a) [* u]))``.
 
-    If the consumer is no longer a stock Linear / Conv1D (a PEFT LoRA wrapper added after
-    converting, a user's subclass), its own forward runs on the stock product: exact, as stock.
+    The fused op runs only while the modules are what the rewrite proved: the consumer a stock
+    Linear / Conv1D, the modules in between still identities, the activation unchanged (``stamp``),
+    and no hook on any of them (a hook registered after converting must run). Otherwise the stock
+    calls run, in the stock order: exact, as stock, without the saving.
     """
-    if not _is_plain_linear(consumer, layout):
-        from ..ops.recompute import rebuild
+    if _fused_applies(act, between, consumer, layout, stamp):
+        return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
+    p = act(a)
+    if u is not None:
+        p = p * u
+    for module in between:
+        p = module(p)
+    return consumer(p)
 
-        return consumer(rebuild(a, u, kind))
-    return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
+
+def _fused_applies(
+    act: nn.Module, between: tuple[nn.Module, ...], consumer: nn.Module, layout: str, stamp: str
+) -> bool:
+    if not _is_plain_linear(consumer, layout) or _hooked(act, *between, consumer):
+        return False
+    if not all(_is_identity_module(m) for m in between):
+        return False
+    if torch.compiler.is_compiling():
+        return type(act).__qualname__ == stamp.partition("|")[0]
+    return activation_stamp(act) == stamp
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if (
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    ):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
+def activation_stamp(module: nn.Module) -> str:
+    """The activation's class and public plain attributes: what its behaviour was proven for."""
+    attrs = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training")
+    return f"{type(module).__qualname__}|{attrs}"
 
 
 def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> tuple[fx.Graph | None, str]:
@@ -381,11 +424,15 @@ def _replace_pattern(graph: fx.Graph, container: nn.Module, site: RecomputeSite,
             f"{site.consumer} does not directly take {site.activation}'s output in {type(container).__name__}.forward"
         )
     consumer = users[0]
+    between = [n for n in dead if n.op == "call_module" and n is not act]
     with graph.inserting_before(consumer):
+        act_module = graph.get_attr(site.activation)
+        between_modules = tuple(graph.get_attr(n.target) for n in between)
         module = graph.get_attr(site.consumer)
+        stamp = activation_stamp(container.get_submodule(site.activation))
         fused = graph.call_function(
             recompute_act_linear,
-            (act.args[0], u, module, kind, site.layout),
+            (act.args[0], u, act_module, between_modules, module, kind, site.layout, stamp),
         )
     consumer.replace_all_uses_with(fused)
     for n in [consumer, *reversed(dead)]:
@@ -394,5 +441,8 @@ def _replace_pattern(graph: fx.Graph, container: nn.Module, site: RecomputeSite,
 
 
 def _is_identity_child(container: nn.Module, target: str) -> bool:
-    child = container.get_submodule(target)
-    return isinstance(child, nn.Identity) or (isinstance(child, nn.Dropout) and child.p == 0)
+    return _is_identity_module(container.get_submodule(target))
+
+
+def _is_identity_module(module: nn.Module) -> bool:
+    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)

@@ -239,3 +239,68 @@ def test_a_real_family_llama_gated_mlp_is_recomputed_exactly() -> None:
     b.square().sum().backward()
     for (name, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
         assert ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item() < 1e-5, name
+
+
+def _changes_after_converting():
+    """(name, change applied to both models) the rewritten forward must notice at run time."""
+
+    def hook_on_consumer(m):
+        m.blocks[0].fc2.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+
+    def hook_on_activation(m):
+        m.blocks[1].act.register_forward_hook(lambda mod, args, out: out + 1)
+
+    def dropout_switched_on(m):
+        m.blocks[0].drop.p = 0.5
+
+    def activation_swapped(m):
+        m.blocks[0].act = nn.ReLU()
+
+    def activation_attribute(m):
+        m.blocks[1].act.approximate = "tanh"
+
+    def consumer_replaced(m):
+        m.blocks[0].fc2 = nn.Sequential(m.blocks[0].fc2, nn.Tanh())
+
+    return [
+        hook_on_consumer,
+        hook_on_activation,
+        dropout_switched_on,
+        activation_swapped,
+        activation_attribute,
+        consumer_replaced,
+    ]
+
+
+@pytest.mark.parametrize("change", _changes_after_converting(), ids=lambda f: f.__name__)
+def test_a_module_changed_after_converting_runs_the_stock_calls(change) -> None:
+    """Hooks, dropout, the activation or the consumer changed after convert(): the rewritten container
+    must not run the fused op that was proven for the old modules (it would skip or mis-compute them)."""
+    torch.manual_seed(0)
+    stock = Stack(lambda: Plain(nn.GELU())).train()
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    assert all(s.option == "recompute" for s in model.lowmembp_report.plan.activations)
+    change(stock)
+    change(model)
+    torch.manual_seed(1)
+    y0, g0 = _run(stock, _x())
+    torch.manual_seed(1)
+    y1, g1 = _run(model, _x())
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_global_module_hook_runs_the_stock_calls() -> None:
+    torch.manual_seed(0)
+    stock = Stack(lambda: Plain(nn.GELU())).train()
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
+    try:
+        model(_x())
+        seen, calls[:] = list(calls), []
+        stock(_x())
+    finally:
+        handle.remove()
+    assert seen == calls and "GELU" in seen and "Linear" in seen
