@@ -42,6 +42,7 @@ class Workload:
         fp32_adapters: PEFT's default ``autocast_adapter_dtype=True`` (LoRA weights in fp32 even on
             a bf16 model, so every lora_A casts its input to fp32 and saves that copy); False keeps
             adapters in the model's dtype.
+        lora_targets: PEFT ``target_modules`` instead of the family's default (``LORA_TARGETS``).
         time_batch: batch of the timed training steps (run on the ``depths[0]`` model). The smaller
             memory batch for the small models (no recompile under torch.compile); 1 for the 7B-shaped
             layers, whose training step at batch 8 takes minutes on one CPU core.
@@ -61,6 +62,7 @@ class Workload:
     attention_dropout: bool = True
     fp32_adapters: bool = True
     time_batch: int = 1
+    lora_targets: str | tuple[str, ...] | None = None
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -109,6 +111,7 @@ def workloads(tiny: bool = False) -> list[Workload]:
         target: float | None = None,
         attn_drop: bool = True,
         fp32_adapters: bool = True,
+        lora_targets: str | tuple[str, ...] | None = None,
     ) -> Workload:
         family = name.split("-")[0]
         s = sizes[family]
@@ -134,6 +137,7 @@ def workloads(tiny: bool = False) -> list[Workload]:
             attn_drop,
             fp32_adapters,
             s.time_batch,
+            lora_targets,
         )
 
     llama, roberta = sizes["llama"].seq, sizes["roberta"].seq
@@ -152,6 +156,13 @@ def workloads(tiny: bool = False) -> list[Workload]:
             True,
             0.33,
             fp32_adapters=False,
+        ),
+        row(
+            "llama-bf16-lora-all",
+            f"LLaMA-7B layers, bf16 weights, seq {llama}, LoRA r8 on all linear layers",
+            "bf16",
+            True,
+            lora_targets="all-linear",
         ),
         row(
             "phi3-bf16-full",
@@ -305,6 +316,8 @@ def build_model(workload: Workload, depth: int, tiny: bool = False, seed: int = 
         from peft import LoraConfig, get_peft_model
 
         targets, rank, modules_to_save = LORA_TARGETS[workload.family]
+        if workload.lora_targets is not None:
+            targets = workload.lora_targets if isinstance(workload.lora_targets, str) else list(workload.lora_targets)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, modules_to_save=modules_to_save)
         model = get_peft_model(model, config, autocast_adapter_dtype=workload.fp32_adapters)
     return model.train()

@@ -88,28 +88,36 @@ def _linear(p: Tensor, weight: Tensor, bias: Tensor | None, layout: str) -> Tens
 
 @torch.library.custom_op("lowmembp::act_linear", mutates_args=())
 def _act_linear(
-    a: Tensor, u: Tensor | None, weight: Tensor, bias: Tensor | None, kind: str, layout: str, p_dtype: torch.dtype
+    a: Tensor,
+    u: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    kind: str,
+    layout: str,
+    p_dtype: torch.dtype,
+    x_dtype: torch.dtype,
 ) -> Tensor:
-    """y = linear(act(a) [* u]) computed with the stock ops; see the module docstring."""
+    """y = linear(p.to(x_dtype)) with p = act(a) [* u] rounded to p_dtype: the stock ops (a consumer
+    that casts its input first, as PEFT's lora_A does, gets ``x_dtype`` != ``p_dtype``)."""
     with torch.autocast(a.device.type, enabled=False):
-        p = rebuild(a, u, kind).to(p_dtype)
+        p = rebuild(a, u, kind).to(p_dtype).to(x_dtype)
         return _linear(p, weight, bias, layout)
 
 
 @_act_linear.register_fake
-def _(a, u, weight, bias, kind, layout, p_dtype):
+def _(a, u, weight, bias, kind, layout, p_dtype, x_dtype):
     out = weight.shape[0] if layout == "linear" else weight.shape[1]
-    return a.new_empty((*a.shape[:-1], out), dtype=p_dtype)
+    return a.new_empty((*a.shape[:-1], out), dtype=x_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    a, u, weight, bias, kind, layout, p_dtype = inputs
+    a, u, weight, bias, kind, layout, p_dtype, x_dtype = inputs
     # the whole saved state: a, u and the weight (only when a or u needs its gradient: under autocast
     # the weight is a fresh 16-bit cast); not act(a), not p
     needs_dp = a.requires_grad or (u is not None and u.requires_grad)
     ctx.save_for_backward(a, u, weight if needs_dp else None)
     ctx.weight_dtype = weight.dtype
-    ctx.kind, ctx.layout, ctx.p_dtype = kind, layout, p_dtype
+    ctx.kind, ctx.layout, ctx.p_dtype, ctx.x_dtype = kind, layout, p_dtype, x_dtype
     ctx.has_bias = bias is not None
 
 
@@ -130,7 +138,7 @@ def _backward(ctx, dy: Tensor):
         dy2d = dy.reshape(-1, dy.shape[-1])
         dweight = dbias = da = du = None
         if need_w:
-            p2d = rebuild(a, u, ctx.kind).to(ctx.p_dtype).reshape(-1, a.shape[-1])
+            p2d = rebuild(a, u, ctx.kind).to(ctx.p_dtype).to(ctx.x_dtype).reshape(-1, a.shape[-1])
             dweight = dy2d.t() @ p2d if ctx.layout == "linear" else p2d.t() @ dy2d
             dweight = dweight.to(ctx.weight_dtype)
         if need_b and ctx.has_bias:
@@ -140,7 +148,7 @@ def _backward(ctx, dy: Tensor):
             da, du = act_grads(dp.to(ctx.p_dtype), a, u, ctx.kind)
             da = da.to(a.dtype) if need_a else None
             du = du.to(u.dtype) if (need_u and du is not None) else None
-    return da, du, dweight, dbias, None, None, None
+    return da, du, dweight, dbias, None, None, None, None
 
 
 _act_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -153,6 +161,7 @@ def act_linear(
     bias: Tensor | None,
     kind: str,
     layout: str = "linear",
+    in_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``linear(act(a) * u)`` (``u`` None: ``linear(act(a))``) keeping only a and u for backward.
 
@@ -163,6 +172,8 @@ def act_linear(
         bias: the consumer's bias [O] or None.
         kind: "gelu", "gelu_tanh" or "silu".
         layout: "linear" or "conv1d".
+        in_dtype: the dtype the consumer casts its input to first (PEFT's lora_A: its weight's dtype,
+            an exact upcast of p's); None: p's own dtype.
 
     Under autocast the weight, bias and p are cast to the autocast dtype, as autocast's own linear
     would; p in the dtype the product has otherwise.
@@ -171,14 +182,17 @@ def act_linear(
         raise ValueError(f"act_linear: kind must be one of {KINDS} and layout one of {LAYOUTS}")
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         # torch.func transforms: the stock ops (exact; only the memory saving is not had there)
-        return _linear(rebuild(a, u, kind), weight, bias, layout)
+        return _linear(rebuild(a, u, kind).to(in_dtype or weight.dtype), weight, bias, layout)
     p_dtype = a.dtype if u is None else torch.promote_types(a.dtype, u.dtype)
+    x_dtype = in_dtype or p_dtype
+    if x_dtype != p_dtype and not exact_upcast(p_dtype, x_dtype):
+        raise ValueError(f"act_linear: in_dtype {x_dtype} is not an exact upcast of the product's {p_dtype}")
     if torch.is_autocast_enabled(a.device.type):
         low = torch.get_autocast_dtype(a.device.type)
-        p_dtype = low
+        p_dtype = x_dtype = low
         weight = weight.to(low)
         bias = bias.to(low) if bias is not None else None
-    return _act_linear(a, u, weight, bias, kind, layout, p_dtype)
+    return _act_linear(a, u, weight, bias, kind, layout, p_dtype, x_dtype)
 
 
 def exact_upcast(narrow: torch.dtype, wide: torch.dtype) -> bool:
@@ -199,9 +213,9 @@ def upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise ValueError(f"upcast_linear: {x.dtype} -> {weight.dtype} is not an exact upcast")
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return F.linear(x.to(weight.dtype), weight, bias)
-    p_dtype = weight.dtype
+    p_dtype, x_dtype = x.dtype, weight.dtype
     if torch.is_autocast_enabled(x.device.type):
-        p_dtype = torch.get_autocast_dtype(x.device.type)
-        weight = weight.to(p_dtype)
-        bias = bias.to(p_dtype) if bias is not None else None
-    return _act_linear(x, None, weight, bias, "none", "linear", p_dtype)
+        p_dtype = x_dtype = torch.get_autocast_dtype(x.device.type)
+        weight = weight.to(x_dtype)
+        bias = bias.to(x_dtype) if bias is not None else None
+    return _act_linear(x, None, weight, bias, "none", "linear", p_dtype, x_dtype)

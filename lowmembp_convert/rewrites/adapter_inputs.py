@@ -110,10 +110,18 @@ def plan_adapter_inputs(model: nn.Module, plan: Plan, capture: Capture, config) 
     autocast_fed = {
         c.module for s in plan.norms if s.action != "skip" and s.autocast_output for c in s.consumers if c.shares_output
     }
+    recomputed = {  # PEFT layers that consume an exact MLP recompute: they keep nothing of their input
+        f"{r.container}.{r.consumer}" if r.container else r.consumer
+        for a in plan.activations
+        if a.action == "convert" and a.option == "recompute" and (r := a.recompute) is not None and r.layout == "lora"
+    }
     for fqn, layer in layers:
         if config.filter_fn is not None and not config.filter_fn(layer, fqn):
             continue
         site = _plan_layer(fqn, layer, reads.get(fqn, []), autocast_fed)
+        if site is not None and fqn in recomputed:
+            site.action, site.estimate = "skip", {}
+            site.reason = "its input is rebuilt by the exact MLP recompute, which keeps no copy of it"
         if site is not None:
             plan.adapters.append(site)
 
@@ -248,3 +256,54 @@ def apply_adapter_inputs(model: nn.Module, plan: Plan) -> None:
             layer.lora_A[name].__class__ = UpcastInputLinear
         if not getattr(type(layer), "lowmembp_adapter_inputs", False):
             layer.__class__ = _subclass(type(layer))
+
+
+# --------------------------------------------------------------------------------------------------
+# A PEFT LoRA layer as the consumer of the exact MLP recompute (rewrites/recompute.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def lora_recompute_blocker(layer: nn.Module) -> str:
+    """Why the recompute cannot take ``layer`` (a PEFT LoRA Linear) as its consumer ("" when it can):
+    it must be PEFT's own class over a plain nn.Linear, with vanilla, dropout-free adapters."""
+    lora_linear = _peft_lora_linear()
+    if lora_linear is None or not _is_plain_peft_linear(layer, lora_linear):
+        return f"{type(layer).__name__} is not PEFT's LoRA Linear"
+    if type(layer.base_layer) is not nn.Linear:
+        return f"its base layer is a {type(layer.base_layer).__name__}"
+    if layer.merged:
+        return "its adapters are merged"
+    for name in layer.lora_A:
+        if type(layer.lora_A[name]) not in (nn.Linear, UpcastInputLinear):
+            return f"its lora_A is a {type(layer.lora_A[name]).__name__}"
+        why = _adapter_blocker(layer, name) if type(layer.lora_A[name]) is nn.Linear else ""
+        if why:
+            return why
+    return ""
+
+
+def lora_runtime_modules(layer: nn.Module, p_dtype: torch.dtype) -> list[nn.Module] | None:
+    """The modules whose hooks would run in PEFT's forward of ``layer`` on an input of ``p_dtype``, when
+    that forward is the vanilla one the recompute reproduces; None when it is not (merged or disabled
+    adapters, a variant, dropout, casting switched off, a cast that is not an exact upcast...)."""
+    lora_linear = _peft_lora_linear()
+    if lora_linear is None or not _is_plain_peft_linear(layer, lora_linear):
+        return None
+    if layer.merged or layer.disable_adapters or not getattr(layer, "cast_input_dtype_enabled", True):
+        return None
+    base = layer.base_layer
+    if type(base) is not nn.Linear:
+        return None
+    modules = [layer, base]
+    variants = getattr(layer, "lora_variant", {})
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        lora_a, dropout = layer.lora_A[name], layer.lora_dropout[name]
+        dtype = lora_a.weight.dtype
+        if name in variants or type(lora_a) not in (nn.Linear, UpcastInputLinear) or type(dropout) is not nn.Identity:
+            return None
+        if dtype != p_dtype and not exact_upcast(p_dtype, dtype):
+            return None
+        modules += [lora_a, dropout]
+    return modules

@@ -64,7 +64,7 @@ def plan_activations(
         best = min(candidates, key=lambda k: (candidates[k], OPTIONS.index(k)))
         if best == "stock":
             site.action = "skip"
-            if mode == "recompute":
+            if mode == "recompute" and "recompute" not in est.bytes:
                 site.reason = f"left stock: recompute is not possible here ({est.why_not_recompute})"
             else:
                 site.reason = f"left stock: no option keeps fewer bytes ({describe(site.estimate)})"
@@ -73,6 +73,8 @@ def plan_activations(
         if best == "recompute":
             site.recompute = est.recompute
             site.reason = f"exact recompute in {est.recompute.container or '<root>'}.{est.recompute.consumer}"
+        elif "recompute" in est.bytes:
+            site.reason = f"2-bit approximation: it keeps the fewest bytes ({describe(site.estimate)})"
         else:
             site.reason = f"2-bit approximation: recompute not possible ({est.why_not_recompute})"
 

@@ -160,7 +160,8 @@ def estimate_site(
         approx.add_bytes(("codes", index), math.ceil(a_val.numel() / 4) if a_val is not None else 0)
         recompute.add(a_val)
         user, _chain = _single_user_chain(h)
-        if user is None:  # several readers of h: each may keep it (as stock does)
+        lora = _lora_consumer(model, h, param_of_placeholder) if user is None else None
+        if user is None and lora is None:  # several readers of h: each may keep it (as stock does)
             stock.add(h_val)
             approx.add(h_val)
             recompute.add(h_val)
@@ -168,7 +169,7 @@ def estimate_site(
             continue
         u_node = None
         p = h
-        if user.op == "call_function" and user.target is aten.mul.Tensor:
+        if user is not None and user.op == "call_function" and user.target is aten.mul.Tensor:
             other = user.args[1] if user.args[0] is h or user.args[0] in _chain else user.args[0]
             if isinstance(other, fx.Node) and _val(other) is not None and _val(other).shape == h_val.shape:
                 u_node, p = other, user
@@ -177,6 +178,23 @@ def estimate_site(
                     kept.add(_val(other))
                 recompute.add(_val(other))
                 user, _chain = _single_user_chain(user)
+                lora = _lora_consumer(model, p, param_of_placeholder) if user is None else None
+        if lora is not None:  # a PEFT LoRA layer reads p: its base Linear and (through casts) lora_A
+            for kept in (stock, approx):
+                for t in lora.kept:
+                    kept.add(t)
+            why = f"called {len(calls)} times in the forward" if len(calls) != 1 else ""
+            container = _path(p) if u_node is not None else _common_parent(_path(h), lora.fqn)
+            local = _children_of(container, _path(h), lora.fqn)
+            if not why and local is None:
+                why = "the activation and its consumer are not children of the module that calls them"
+            if why:
+                reasons.append(why)
+                for t in lora.kept:
+                    recompute.add(t)
+                continue
+            pattern = RecomputeSite(container, local[0], local[1], "lora", u_node is not None)
+            continue
         consumer = _consumer_of(user) if user is not None else None
         p_kept = True
         if consumer is not None:
@@ -240,12 +258,50 @@ def _peft_reader(model: nn.Module, p: fx.Node) -> str:
         while path:
             module = model.get_submodule(path)
             if hasattr(module, "base_layer"):
-                return (
-                    f"the consumer {path} is PEFT-wrapped ({type(module).__name__}): its adapter path reads the "
-                    "same input, which only the stock path keeps"
-                )
+                from .adapter_inputs import lora_recompute_blocker
+
+                why = lora_recompute_blocker(module) or "its input is also read by more than its Linears"
+                return f"the consumer {path} is PEFT-wrapped ({type(module).__name__}) and {why}"
             path = path.rpartition(".")[0]
     return ""
+
+
+@dataclass(frozen=True)
+class _LoraConsumer:
+    fqn: str  # the PEFT LoRA layer
+    kept: tuple[torch.Tensor, ...]  # what stock keeps of its input: p for a trainable base, each cast for lora_A
+
+
+def _lora_consumer(model: nn.Module, node: fx.Node, param_of_placeholder: dict[str, str]) -> _LoraConsumer | None:
+    """The PEFT LoRA layer whose base Linear and lora_A Linears (directly or through one upcast each)
+    are every reader of ``node``, when that layer qualifies for the fused recompute."""
+    from .adapter_inputs import _CASTS, lora_recompute_blocker
+
+    layer_fqn, kept = None, []
+    for user in node.users:
+        if user.op == "call_function" and user.target is aten._assert_tensor_metadata.default:
+            continue  # export's check of a cast's input: reads nothing at run time
+        cast = user.op == "call_function" and user.target in _CASTS
+        for linear in list(user.users) if cast else [user]:
+            source = user if cast else node
+            if linear.op != "call_function" or linear.target is not aten.linear.default or linear.args[0] is not source:
+                return None
+            fqn = param_of_placeholder.get(getattr(linear.args[1], "name", ""))
+            owner = fqn.rpartition(".")[0] if fqn else ""
+            if owner.endswith(".base_layer") and not cast:
+                layer = owner[: -len(".base_layer")]
+            elif ".lora_A." in owner:
+                layer = owner.rpartition(".lora_A.")[0]
+            else:
+                return None
+            if layer_fqn not in (None, layer):
+                return None
+            layer_fqn = layer
+            if model.get_parameter(fqn).requires_grad:
+                kept.append(_val(source))
+    if layer_fqn is None or lora_recompute_blocker(model.get_submodule(layer_fqn)):
+        return None
+    return _LoraConsumer(layer_fqn, tuple(t for t in kept if t is not None))
 
 
 def _common_parent(a: str | None, b: str | None) -> str | None:
@@ -301,7 +357,10 @@ def recompute_act_linear(
     and no hook on any of them (a hook registered after converting must run). Otherwise the stock
     calls run, in the stock order: exact, as stock, without the saving.
     """
-    if _fused_applies(act, between, consumer, layout, stamp):
+    if layout == "lora":
+        if _lora_fused_applies(a, u, act, between, consumer, stamp):
+            return _lora_act_linear(a, u, consumer, kind)
+    elif _fused_applies(act, between, consumer, layout, stamp):
         return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
     p = act(a)
     if u is not None:
@@ -321,6 +380,37 @@ def _fused_applies(
     if torch.compiler.is_compiling():
         return type(act).__qualname__ == stamp.partition("|")[0]
     return activation_stamp(act) == stamp
+
+
+def _lora_fused_applies(
+    a: torch.Tensor, u: torch.Tensor | None, act: nn.Module, between: tuple, layer: nn.Module, stamp: str
+) -> bool:
+    from .adapter_inputs import lora_runtime_modules
+
+    p_dtype = a.dtype if u is None else torch.promote_types(a.dtype, u.dtype)
+    modules = lora_runtime_modules(layer, p_dtype)
+    if modules is None or _hooked(act, *between, *modules):
+        return False
+    if not all(_is_identity_module(m) for m in between):
+        return False
+    if torch.compiler.is_compiling():
+        return type(act).__qualname__ == stamp.partition("|")[0]
+    return activation_stamp(act) == stamp
+
+
+def _lora_act_linear(a: torch.Tensor, u: torch.Tensor | None, layer: nn.Module, kind: str) -> torch.Tensor:
+    """PEFT's vanilla LoRA forward on p = act(a) [* u], each Linear through the fused op (keeping a, u):
+    ``base(p) + sum(lora_B(lora_A(p.to(A.dtype))) * scaling)``, cast back to the base result's dtype."""
+    base = layer.base_layer
+    result = act_linear(a, u, base.weight, base.bias, kind)
+    result_dtype = result.dtype
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        lora_a = layer.lora_A[name]
+        h = act_linear(a, u, lora_a.weight, lora_a.bias, kind, in_dtype=lora_a.weight.dtype)
+        result = result + layer.lora_B[name](h) * layer.scaling[name]
+    return result.to(result_dtype)
 
 
 def _hooked(*modules: nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
 A model is a random program over one running tensor ``h`` ([batch, tokens, D]). Each step is one
 block drawn from the patterns that broke conversions before: pre-norm and post-norm blocks, MLPs
-with module / functional / in-place activations, a norm output read by several consumers (shared
+with module / functional / in-place activations (and MLP modules with their own forward, plain or
+gated, which the exact recompute rewrites), a norm output read by several consumers (shared
 Linears, views, token slices, casts, ``x @ W.T``, Dropout), blocks applied again (loops, towers),
 norm weights read elsewhere, Parameters shared by two modules or two Parameters over one storage,
 extra outputs. Parameters are random (norm scales of both signs, biases), some are frozen.
@@ -98,6 +99,24 @@ def _activation(rng: random.Random) -> tuple[nn.Module | None, str]:
     return nn.GELU(), "module"
 
 
+class FuzzMLP(nn.Module):
+    """An MLP module with its own forward (what the exact recompute rewrites): plain
+    ``fc2(drop(act(fc1(x))))`` or gated ``fc2(drop(act(gate(x)) * fc1(x)))``."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 2 * D, bias=rng.random() < 0.8)
+        self.gate = nn.Linear(D, 2 * D, bias=rng.random() < 0.5) if rng.random() < 0.5 else None
+        self.act = rng.choice([nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()])
+        self.drop = rng.choice([nn.Identity(), nn.Dropout(0.0), nn.Dropout(0.2)])
+        self.fc2 = nn.Linear(2 * D, D, bias=rng.random() < 0.8)
+
+    def forward(self, x):
+        if self.gate is None:
+            return self.fc2(self.drop(self.act(self.fc1(x))))
+        return self.fc2(self.drop(self.act(self.gate(x)) * self.fc1(x)))
+
+
 class FuzzModel(nn.Module):
     """Runs ``self.program``: a list of (block kind, names of its modules, options)."""
 
@@ -120,18 +139,20 @@ class FuzzModel(nn.Module):
         self._randomize(rng)
 
     def _add_block(self, rng: random.Random, name: str) -> None:
-        kind = rng.choice(["pre", "pre", "post", "mlp", "mlp", "weight_read"])
+        kind = rng.choice(["pre", "pre", "post", "mlp", "mlp", "mlp_module", "weight_read"])
         block = nn.Module()
         block.norm = _norm(rng)
         options: dict = {}
-        if kind == "mlp":
+        if kind == "mlp_module":
+            block.mlp = FuzzMLP(rng)
+        elif kind == "mlp":
             block.fc1 = nn.Linear(D, 2 * D, bias=rng.random() < 0.8)
             block.fc2 = nn.Linear(2 * D, D, bias=rng.random() < 0.8)
             act, how = _activation(rng)
             if act is not None:
                 block.act = act
             options["how"] = how
-            options["dropout"] = rng.choice([0.0, 0.0, 0.2])
+            options["dropout"] = rng.choice([None, 0.0, 0.2])  # None: no dropout call at all
         else:
             count = rng.randint(1, 3)
             options["consumers"] = [self._consumer(rng, block, j) for j in range(count)]
@@ -187,6 +208,9 @@ class FuzzModel(nn.Module):
         extras = []
         for kind, name, options in self.program:
             block = self.blocks[name]
+            if kind == "mlp_module":
+                h = h + block.mlp(block.norm(h))
+                continue
             if kind == "mlp":
                 a = block.fc1(block.norm(h))
                 if options["how"] == "functional":
@@ -195,7 +219,8 @@ class FuzzModel(nn.Module):
                     block.act(a)
                 else:
                     a = block.act(a)
-                a = F.dropout(a, options["dropout"], self.training)
+                if options["dropout"] is not None:
+                    a = F.dropout(a, options["dropout"], self.training)
                 h = h + block.fc2(a)
                 continue
             y = block.norm(h)

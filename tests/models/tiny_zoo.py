@@ -363,13 +363,14 @@ FAMILIES: dict[str, Family] = {
 
 
 def _with_lora(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """PEFT LoRA on q and v with float64 adapters on a float32 model: wider adapters, as PEFT's
-    default fp32 adapters on a bf16 model, at precisions that keep the exactness checks tight."""
+    """PEFT LoRA on q, v and the MLP's down projection, float64 adapters on a float32 model: wider
+    adapters, as PEFT's default fp32 adapters on a bf16 model, at precisions that keep the exactness
+    checks tight (and a LoRA consumer for the MLP recompute)."""
 
     def make() -> nn.Module:
         import peft
 
-        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
         model = peft.get_peft_model(build(), config)
         for name, module in model.named_modules():
             if ".lora_" in name and isinstance(module, nn.Linear):

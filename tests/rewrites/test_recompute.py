@@ -173,14 +173,21 @@ def test_an_activation_read_twice_is_not_recomputed() -> None:
     assert site.action == "skip" and "several readers" in site.reason
 
 
-def test_a_peft_wrapped_consumer_is_not_taken_over() -> None:
+def test_a_peft_wrapped_consumer_takes_the_recompute_through_its_adapter_path() -> None:
+    """LoRA on the down projection: base and lora_A both get the rebuilt input (exact); with lora
+    dropout the layer cannot, and the reason says so (tests/rewrites/test_recompute_lora.py has more)."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    stock = Stack(lambda: Gated(nn.SiLU()))
-    wrapped = peft.get_peft_model(stock, peft.LoraConfig(r=2, target_modules=["down"]))
-    convert(wrapped, example_inputs=((_x(),), {}), norms=False, activations="recompute")
+    stock = peft.get_peft_model(Stack(lambda: Gated(nn.SiLU())), peft.LoraConfig(r=2, target_modules=["down"]))
+    wrapped = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
     for site in wrapped.lowmembp_report.plan.activations:
-        assert site.action == "skip" and "PEFT" in site.reason
+        assert site.option == "recompute" and site.recompute.layout == "lora", site.reason
+    assert torch.equal(stock(_x()), wrapped(_x()))
+    config = peft.LoraConfig(r=2, target_modules=["down"], lora_dropout=0.1)
+    dropped = peft.get_peft_model(Stack(lambda: Gated(nn.SiLU())), config)
+    convert(dropped, example_inputs=((_x(),), {}), norms=False, activations="recompute")
+    for site in dropped.lowmembp_report.plan.activations:
+        assert site.action == "skip" and "PEFT-wrapped" in site.reason and "lora_dropout" in site.reason
 
 
 def test_a_lora_added_after_converting_still_computes_exactly() -> None:
@@ -304,3 +311,14 @@ def test_a_global_module_hook_runs_the_stock_calls() -> None:
     finally:
         handle.remove()
     assert seen == calls and "GELU" in seen and "Linear" in seen
+
+
+def test_a_lora_consumer_compiles_fullgraph_and_keeps_fewer_bytes() -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["down"], init_lora_weights=False)
+    stock = peft.get_peft_model(Stack(lambda: Gated(nn.SiLU())), config)
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
+    assert _bytes(compiled, _x()) < _bytes(stock, _x())
