@@ -1,12 +1,13 @@
 """GPU model benchmark: peak memory and throughput of whole training steps, and the largest batch.
 
 For each model (ViT-B/16 LoRA r4 batch 64 under bf16 autocast, the paper's headline; ViT-B/16 full
-fine-tuning; LLaMA-7B-shaped decoder layers in bf16, full and LoRA; Phi-3-mini-shaped layers (fused
-gate_up); RoBERTa-base) and each column (baseline; approx = ``convert(activations="approx")``, the
-paper; auto = ``convert()``, the default; recompute = ``convert(activations="recompute")``; gradient
-checkpointing; torch.compile; compile + auto) it runs full training steps (forward, loss, backward,
-AdamW step), then reports ``torch.cuda.max_memory_allocated`` over timed steps (the peak counter is
-reset after warm-up) and samples per second. Then, for the headline models, the largest batch whose
+fine-tuning; LLaMA-7B-shaped decoder layers in bf16, full, LoRA on q,v and LoRA on all linear layers;
+Phi-3-mini-shaped layers (fused gate_up); RoBERTa-base) and each column (baseline; approx =
+``convert(activations="approx")``, the paper; auto = ``convert()``, the default; recompute =
+``convert(activations="recompute")``; gradient checkpointing; torch.compile; compile + auto) it runs
+full training steps (forward, loss, backward, AdamW step), then reports
+``torch.cuda.max_memory_allocated`` over timed steps (the peak counter is reset after warm-up) and
+samples per second. Then, for the headline models, the largest batch whose
 step fits a fixed memory budget, baseline vs auto vs approx.
 
 Cells run in priority order (every row's eager columns, rows in order with the headline first; then
@@ -85,6 +86,13 @@ def gpu_models(tiny: bool) -> list[GpuModel]:
             "llama-lora",
             "LLaMA-7B shape, bf16, LoRA r8 (q,v)",
             by_name["llama-bf16-lora"],
+            4,
+            8,
+        ),
+        GpuModel(
+            "llama-lora-all",
+            "LLaMA-7B shape, bf16, LoRA r8 (all linear)",
+            by_name["llama-bf16-lora-all"],
             4,
             8,
         ),

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
+from ..nn.handoff import HandoffActivation, HandoffLinear
 from ..nn.linear import TwinLinear
 from ..nn.norms import MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
@@ -163,6 +164,18 @@ def _activation_for(site: ActivationSite, old: nn.Module) -> nn.Module:
     return new
 
 
+def _handoff(model: nn.Module, site: ActivationSite) -> None:
+    """Across modules: the activation hands its input to the consumer Linear (same object, class swapped)."""
+    old = model.get_submodule(site.module)
+    new = HandoffActivation(site.kind)
+    new.train(old.training)
+    _keep_attributes(old, new)
+    replace_module(model, old, new)
+    consumer = model.get_submodule(site.recompute.consumer)
+    if type(consumer) is nn.Linear:
+        consumer.__class__ = HandoffLinear
+
+
 def apply_plan(
     model: nn.Module, plan: Plan, *, untie_embeddings: bool = False, min_abs_weight: float = 1e-3
 ) -> list[str]:
@@ -186,6 +199,9 @@ def apply_plan(
     containers: dict[str, list] = {}
     for site in plan.activations:
         if site.action != "convert":
+            continue
+        if site.option == "recompute" and site.recompute.layout == "handoff":
+            _handoff(model, site)
             continue
         if site.option == "recompute":
             containers.setdefault(site.recompute.container, []).append((site.recompute, site.kind))

@@ -43,7 +43,7 @@ def plan_activations(
             continue
         module = model.get_submodule(site.module)
         est = estimate_site(model, capture.graph, set(module_names[id(module)]), state, capture.param_of_placeholder)
-        if est.recompute is not None:
+        if est.recompute is not None and est.recompute.layout != "handoff":
             container = model.get_submodule(est.recompute.container)
             why = check_container(container, [(est.recompute, site.kind)])
             if why:
@@ -71,8 +71,11 @@ def plan_activations(
             continue
         site.option = best
         if best == "recompute":
-            site.recompute = est.recompute
-            site.reason = f"exact recompute in {est.recompute.container or '<root>'}.{est.recompute.consumer}"
+            site.recompute = r = est.recompute
+            if r.layout == "handoff":
+                site.reason = f"exact recompute in {r.consumer}, handed the input over from this module"
+            else:
+                site.reason = f"exact recompute in {r.container or '<root>'}.{r.consumer}"
         elif "recompute" in est.bytes:
             site.reason = f"2-bit approximation: it keeps the fewest bytes ({describe(site.estimate)})"
         else:

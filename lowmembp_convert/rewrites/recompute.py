@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..graph_calls import call_inputs, module_calls
+from ..nn.handoff import HandoffLinear
 from ..ops.recompute import act_linear
 from ..transaction import preserved_modes
 
@@ -50,10 +51,10 @@ class Estimate:
 class RecomputeSite:
     """``container.consumer(container.activation(a) [* u])`` proven from the graph."""
 
-    container: str  # fqn of the module whose forward is rewritten
-    activation: str  # local name of the activation child
-    consumer: str  # local name of the consumer child
-    layout: str  # "linear" or "conv1d" (transformers' Conv1D)
+    container: str  # fqn of the module whose forward is rewritten ("" for a hand-off)
+    activation: str  # local name of the activation child (a hand-off: its fqn)
+    consumer: str  # local name of the consumer child (a hand-off: its fqn)
+    layout: str  # "linear", "conv1d" (transformers' Conv1D), "lora" (a PEFT LoRA layer) or "handoff"
     gated: bool
 
 
@@ -217,6 +218,12 @@ def estimate_site(
         container = _path(p) if u_node is not None else _common_parent(_path(h), _path(node))
         act_path, consumer_path = _path(h), _path(node)
         local = _children_of(container, act_path, consumer_path)
+        if local is None and u_node is None and not _chain and layout == "linear" and act_path and consumer_path:
+            # in different modules (BERT's intermediate / output): the activation hands its input over
+            module = model.get_submodule(consumer_path)
+            if type(module) in (nn.Linear, HandoffLinear):
+                pattern = RecomputeSite("", act_path, consumer_path, "handoff", False)
+                continue
         if local is None:
             reasons.append("the activation and its consumer are not children of the module that calls them")
             if p_kept:

@@ -56,11 +56,15 @@ def test_every_activation_and_every_foldable_norm_is_converted(name: str) -> Non
     activations = activation_modules(original)
     assert activations, "the family has activation modules"
     assert sorted(s.module for s in plan.activations if s.action == "convert") == sorted(activations)
-    # each site is either swapped (2-bit approx) or recomputed by its consumer (the container's forward)
+    # each site is either swapped (2-bit approx) or recomputed by its consumer (the container's forward,
+    # or a hand-off between two modules)
     for site in plan.activations:
         module = converted.get_submodule(site.module)
         if site.option == "approx":
             assert not is_activation_module(module), f"{site.module} was planned approx but left"
+        elif site.recompute.layout == "handoff":  # across modules: the activation hands its input over
+            assert type(module).__name__ == "HandoffActivation", site.module
+            assert type(converted.get_submodule(site.recompute.consumer)).__name__ == "HandoffLinear"
         else:
             container = converted.get_submodule(site.recompute.container)
             assert site.recompute in getattr(container, "lowmembp_recompute", ()), site.module

@@ -1,0 +1,158 @@
+"""The exact recompute across modules (nn/handoff.py): BERT-style MLPs split over two modules.
+
+Oracles: the stock model (a deep copy run the same way) for forward (bit for bit) and gradients,
+saved-tensor hooks for the bytes, and readers the captured graph did not show (hooks) applied to both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lowmembp_convert import activation_memory, convert
+from lowmembp_convert.nn import HandoffActivation, HandoffLinear, handoff
+
+D, HIDDEN = 16, 40
+
+
+class Intermediate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.act = nn.Linear(D, HIDDEN), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class Output(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(HIDDEN, D)
+
+    def forward(self, h, x):
+        return self.dense(h) + x
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.intermediate, self.output = Intermediate(), Output()
+
+    def forward(self, x):
+        return self.output(self.intermediate(x), x)
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(), Layer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(3, 5, D, generator=torch.Generator().manual_seed(0))
+
+
+def _run(model: nn.Module, extra_loss=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = _x().requires_grad_(True)
+    y = model(x)
+    loss = (y * torch.linspace(-1, 1, D)).sum() + (extra_loss() if extra_loss else 0)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, [x, *params])
+    return y.detach(), list(grads)
+
+
+def _converted(stock: nn.Module) -> nn.Module:
+    return convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
+
+
+def _assert_same(stock: nn.Module, model: nn.Module, **kw) -> None:
+    (y0, g0), (y1, g1) = _run(stock, **kw), _run(model, **kw)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_split_mlp_recomputes_exactly_and_keeps_fewer_bytes() -> None:
+    torch.manual_seed(0)
+    stock = Stack().train()
+    model = _converted(stock)
+    sites = model.lowmembp_report.plan.activations
+    assert [s.recompute.layout for s in sites] == ["handoff", "handoff"], [s.reason for s in sites]
+    assert type(model.layers[0].intermediate.act) is HandoffActivation
+    assert type(model.layers[0].output.dense) is HandoffLinear
+    assert model.state_dict().keys() == stock.state_dict().keys()
+    _assert_same(stock, model)
+    approx = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="approx")
+
+    def saved(m):
+        return activation_memory(lambda: m(_x()).sum().backward(), params=m).total
+
+    assert saved(model) < saved(approx) < saved(stock)
+    assert handoff._PENDING == {}, "nothing may stay behind after a step"
+
+
+def test_readers_the_graph_did_not_show_get_their_stock_results() -> None:
+    """A hook that replaces the activation's output, and one that keeps it for a later loss term."""
+    torch.manual_seed(0)
+    stock = Stack().train()
+    model = _converted(stock)
+    for m in (stock, model):
+        m.layers[0].intermediate.register_forward_hook(lambda mod, args, out: out * 2)
+    _assert_same(stock, model)
+    kept = {}
+    for name, m in (("stock", stock), ("model", model)):
+        m.layers[1].intermediate.register_forward_hook(lambda mod, args, out, name=name: kept.__setitem__(name, out))
+    (y0, g0) = _run(stock, extra_loss=lambda: kept["stock"].square().sum())
+    (y1, g1) = _run(model, extra_loss=lambda: kept["model"].square().sum())
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_no_grad_and_compile_take_the_plain_path() -> None:
+    torch.manual_seed(0)
+    stock = Stack().train()
+    model = _converted(stock)
+    with torch.no_grad():
+        assert torch.equal(stock(_x()), model(_x()))
+    assert handoff._PENDING == {}
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_bert_family_intermediate_hands_over_to_output_dense(family: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config_cls, model_cls = {
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForMaskedLM),
+        "bert": (transformers.BertConfig, transformers.BertForMaskedLM),
+    }[family]
+    config = config_cls(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    stock = model_cls(config).train()
+    model = convert(copy.deepcopy(stock), norms=False, activations="recompute")  # exact: the head's GELU stays
+    sites = [s for s in model.lowmembp_report.plan.activations if ".intermediate." in s.module]
+    assert len(sites) == 2 and all(s.option == "recompute" and s.recompute.layout == "handoff" for s in sites)
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=ids).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    (y0, g0), (y1, g1) = step(stock), step(model)
+    assert torch.equal(y0, y1) and g0.keys() == g1.keys()
+    for name in g0:
+        assert ((g0[name] - g1[name]).abs().max() / g0[name].abs().max()).item() < 1e-5, name
