@@ -2,13 +2,15 @@
 
 Where an MLP's activation and its consumer live in different modules (BERT, RoBERTa, HF ViT:
 ``intermediate.intermediate_act_fn`` feeds ``output.dense``), no one forward can be rewritten. The
-activation becomes a :class:`HandoffActivation` (the stock op, bit for bit) that remembers, for the
-output tensor it returns, the input it computed it from; the consumer becomes a :class:`HandoffLinear`
-(the same object and Parameters, class swapped) that, given exactly that tensor, computes
-``linear(act(a))`` through the fused op of :mod:`lowmembp_convert.ops.recompute`, keeping only a.
+activation becomes a :class:`HandoffActivation` (the stock op, bit for bit) that leaves, in a
+:class:`Mailbox` it shares with its consumer, the output it returns and the input it computed it
+from; the consumer becomes a :class:`HandoffLinear` (the same object and Parameters, class swapped)
+that, given exactly that output, computes ``linear(act(a))`` through the fused op of
+:mod:`lowmembp_convert.ops.recompute`, keeping only a. Under torch.compile the same code is traced
+(fullgraph; the mailbox is an ordinary Python object).
 
 Anything else takes the plain path, exact as stock: another tensor (a hook's replacement, a copy),
-a second reader (the first one took the hand-off), no autograd, torch.compile or torch.func. The
+a second reader (the first one emptied the mailbox), no autograd, or torch.func. The
 activation's output is not detached, so a reader the captured graph did not show still gets its
 gradient through the activation's own backward; with the one proven reader, that backward node
 becomes unreachable and is freed with the output when the forward returns.
@@ -24,28 +26,35 @@ import torch.nn.functional as F
 
 from lowmembp_convert.ops.recompute import act_linear
 
-__all__ = ["HandoffActivation", "HandoffLinear"]
-
-# id(output) -> (weak reference to the output, the activation's input, kind); an entry leaves when the
-# consumer takes it or when the output is freed
-_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, str]] = {}
+__all__ = ["HandoffActivation", "HandoffLinear", "Mailbox", "link"]
 
 
-def _remember(h: torch.Tensor, a: torch.Tensor, kind: str) -> None:
-    key = id(h)
-    _PENDING[key] = (weakref.ref(h, lambda _ref: _PENDING.pop(key, None)), a, kind)
+class Mailbox:
+    """What a :class:`HandoffActivation` leaves for its consumer: (its output, its input), one at a time.
+
+    Shared by the two modules as a plain attribute (not a submodule: state_dict and ``print`` are
+    unchanged). Eager code leaves a weak reference to the output, so an output nobody reads frees the
+    entry with it; compiled code (which cannot hold weak references) leaves the tensors, and the
+    consumer, traced in the same graph, empties the box again.
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: tuple | None = None
+
+    def __reduce__(self):  # a copy starts empty (shared between the two modules through the memo)
+        return (Mailbox, ())
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self.pending is not None and self.pending[0] is ref:
+            self.pending = None
 
 
-def _take(x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-    entry = _PENDING.get(id(x))
-    if entry is None or entry[0]() is not x:
-        return None
-    del _PENDING[id(x)]
-    return entry[1], entry[2]
-
-
-def _plain_only() -> bool:
-    return torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+def _functorch_or_no_grad() -> bool:
+    return not torch.is_grad_enabled() or (
+        not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    )
 
 
 class HandoffActivation(nn.Module):
@@ -66,8 +75,14 @@ class HandoffActivation(nn.Module):
             h = F.silu(a)
         else:
             h = F.gelu(a, approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        if not _plain_only() and h.requires_grad:
-            _remember(h, a, self.kind)
+        box = getattr(self, "_mailbox", None)
+        if box is not None:
+            if _functorch_or_no_grad() or not h.requires_grad:
+                box.pending = None
+            elif torch.compiler.is_compiling():
+                box.pending = (h, a)
+            else:
+                box.pending = (weakref.ref(h, box._drop), a)
         return h
 
     def extra_repr(self) -> str:
@@ -82,11 +97,25 @@ class HandoffLinear(nn.Linear):
     exact_backward = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        handed = None if _plain_only() else _take(input)
-        if handed is None:
-            return F.linear(input, self.weight, self.bias)
-        a, kind = handed
-        return act_linear(a, None, self.weight, self.bias, kind)
+        box = getattr(self, "_mailbox", None)
+        pending = None
+        if box is not None:
+            pending, box.pending = box.pending, None
+        if pending is not None and not _functorch_or_no_grad():
+            handed = pending[0]
+            if isinstance(handed, weakref.ref):  # left by eager code (compiled code leaves the tensor)
+                handed = handed()
+            if handed is input:
+                return act_linear(pending[1], None, self.weight, self.bias, self.lowmembp_kind)
+        return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", recomputes its input from the activation before it"
+
+
+def link(activation: HandoffActivation, consumer: HandoffLinear) -> None:
+    """Give the pair one mailbox (plain attributes) and the consumer the activation's kind."""
+    box = Mailbox()
+    activation._mailbox = box
+    consumer._mailbox = box
+    consumer.lowmembp_kind = activation.kind

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
-from ..nn.handoff import HandoffActivation, HandoffLinear
+from ..nn.handoff import HandoffActivation, HandoffLinear, link
 from ..nn.linear import TwinLinear
 from ..nn.norms import MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
@@ -174,6 +174,7 @@ def _handoff(model: nn.Module, site: ActivationSite) -> None:
     consumer = model.get_submodule(site.recompute.consumer)
     if type(consumer) is nn.Linear:
         consumer.__class__ = HandoffLinear
+    link(new, consumer)
 
 
 def apply_plan(

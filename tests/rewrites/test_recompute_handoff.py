@@ -7,13 +7,14 @@ saved-tensor hooks for the bytes, and readers the captured graph did not show (h
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
 
 from lowmembp_convert import activation_memory, convert
-from lowmembp_convert.nn import HandoffActivation, HandoffLinear, handoff
+from lowmembp_convert.nn import HandoffActivation, HandoffLinear
 
 D, HIDDEN = 16, 40
 
@@ -96,7 +97,7 @@ def test_split_mlp_recomputes_exactly_and_keeps_fewer_bytes() -> None:
         return activation_memory(lambda: m(_x()).sum().backward(), params=m).total
 
     assert saved(model) < saved(approx) < saved(stock)
-    assert handoff._PENDING == {}, "nothing may stay behind after a step"
+    assert all(m._mailbox.pending is None for m in model.modules() if hasattr(m, "_mailbox")), "nothing stays"
 
 
 def test_readers_the_graph_did_not_show_get_their_stock_results() -> None:
@@ -117,15 +118,37 @@ def test_readers_the_graph_did_not_show_get_their_stock_results() -> None:
         assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
 
 
-def test_no_grad_and_compile_take_the_plain_path() -> None:
+def test_no_grad_takes_the_plain_path() -> None:
     torch.manual_seed(0)
     stock = Stack().train()
     model = _converted(stock)
     with torch.no_grad():
         assert torch.equal(stock(_x()), model(_x()))
-    assert handoff._PENDING == {}
+    assert all(m._mailbox.pending is None for m in model.modules() if hasattr(m, "_mailbox"))
+
+
+def test_compile_fullgraph_hands_over_too() -> None:
+    torch.manual_seed(0)
+    stock = Stack().train()
+    model = _converted(stock)
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
+
+    def saved(m):
+        return activation_memory(lambda: m(_x()).sum().backward(), params=model).total
+
+    assert saved(compiled) <= saved(model)
+    assert all(m._mailbox.pending is None for m in model.modules() if hasattr(m, "_mailbox"))
+
+
+def test_copies_and_pickles_keep_the_pair_linked() -> None:
+    torch.manual_seed(0)
+    model = _converted(Stack().train())
+    for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layer = again.layers[0]
+        assert layer.intermediate.act._mailbox is layer.output.dense._mailbox
+        assert layer.intermediate.act._mailbox is not model.layers[0].intermediate.act._mailbox
+        _assert_same(model, again)
 
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
