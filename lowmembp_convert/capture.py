@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CaptureError
-from .transaction import preserved_modes
+from .transaction import no_lasting_additions, preserved_modes
 from .verify import all_tensors
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -243,7 +243,7 @@ def capture_graph(model: nn.Module, example_inputs: ExampleInputs | None = None)
     nested = _nested_models(model)
     wrapped = wrap or bool(nested)
     try:
-        with preserved_modes(model), every_output_requested(model):
+        with preserved_modes(model), every_output_requested(model), no_lasting_additions(model):
             model.train()
             target = _EveryOutput(model, wrap, nested) if wrapped else model
             program = torch.export.export(target, tuple(args), dict(kwargs), strict=False)

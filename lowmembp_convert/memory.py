@@ -35,6 +35,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .observers import OBSERVER_HOOK_IDS
+
 MIB = 1024 * 1024
 
 StorageKey = tuple[Any, ...]
@@ -214,6 +216,7 @@ class _Labeller:
             hooks.register_module_forward_pre_hook(lambda m, _: self.modules.append(m)),
             hooks.register_module_forward_hook(lambda m, _, __: self._pop(m), always_call=True),
         ]
+        OBSERVER_HOOK_IDS.update(h.id for h in self.handles)  # they only label: fused paths stay on
         self.ops.__enter__()
         return self
 
@@ -221,6 +224,7 @@ class _Labeller:
         self.ops.__exit__(*exc)
         for handle in self.handles:
             handle.remove()
+            OBSERVER_HOOK_IDS.discard(handle.id)
 
     def _pop(self, module: nn.Module) -> None:
         if self.modules and self.modules[-1] is module:

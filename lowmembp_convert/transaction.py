@@ -7,7 +7,10 @@ Two tools:
   edit (kept on the CPU, so a GPU model is never doubled on its device). ``restore()`` makes the model
   exactly as it was: same module objects, same parameter objects and values, same hooks.
 - :func:`no_side_effects`: a forward run for measuring or verifying leaves no trace: buffers
-  (BatchNorm statistics, counters), the random number generators and train/eval flags are restored.
+  (BatchNorm statistics, counters), the random number generators and train/eval flags are restored,
+  and hooks or attributes the forward added to modules are removed (:func:`no_lasting_additions`:
+  transformers installs output-capturing hooks, local functions that would make the model unpicklable,
+  the first time hidden states are requested).
 """
 
 from __future__ import annotations
@@ -114,6 +117,40 @@ class RandomState:
             numpy.random.set_state(self.numpy)
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+@contextlib.contextmanager
+def no_lasting_additions(model: nn.Module) -> Iterator[None]:
+    """Hooks registered on, and attributes added to, ``model``'s modules inside are removed on exit."""
+    before = []
+    for m in _unique_modules(model):
+        hooks = {name: set(getattr(m, name, None) or ()) for name in _HOOK_DICTS}
+        before.append((m, set(m.__dict__), hooks))
+    try:
+        yield
+    finally:
+        for m, attrs, hooks in before:
+            for name, keys in hooks.items():
+                table = getattr(m, name, None)
+                for key in [k for k in (table or ()) if k not in keys]:
+                    del table[key]
+            for key in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[key]
+
+
 @contextlib.contextmanager
 def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iterator[RandomState]:
     """Run forwards of ``model`` inside without leaving a trace on it or on the RNGs.
@@ -128,7 +165,7 @@ def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iter
     if replay is not None:
         replay.restore()
     try:
-        with preserved_modes(model):
+        with preserved_modes(model), no_lasting_additions(model):
             yield replay or before
     finally:
         for module, buffers in holders:

@@ -81,8 +81,9 @@ class HandoffActivation(nn.Module):
                 box.pending = None
             elif torch.compiler.is_compiling():
                 box.pending = (h, a)
-            else:
-                box.pending = (weakref.ref(h, box._drop), a)
+            else:  # eager: also the output's version (an in-place edit after this) and the saved-tensor hooks
+                hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+                box.pending = (weakref.ref(h, box._drop), a, h._version, hooks)
         return h
 
     def extra_repr(self) -> str:
@@ -101,11 +102,18 @@ class HandoffLinear(nn.Linear):
         pending = None
         if box is not None:
             pending, box.pending = box.pending, None
-        if pending is not None and not _functorch_or_no_grad():
+        if pending is not None and not _functorch_or_no_grad() and _path_untouched(self):
             handed = pending[0]
             if isinstance(handed, weakref.ref):  # left by eager code (compiled code leaves the tensor)
                 handed = handed()
-            if handed is input:
+                same = (
+                    handed is input
+                    and input._version == pending[2]  # not edited in place since
+                    and torch._C._autograd._top_saved_tensors_default_hooks(False) == pending[3]
+                )  # the same saved-tensor hooks: a checkpoint around this module alone recomputes it plainly
+            else:
+                same = handed is input
+            if same:
                 return act_linear(pending[1], None, self.weight, self.bias, self.lowmembp_kind)
         return F.linear(input, self.weight, self.bias)
 
@@ -113,9 +121,19 @@ class HandoffLinear(nn.Linear):
         return super().extra_repr() + ", recomputes its input from the activation before it"
 
 
-def link(activation: HandoffActivation, consumer: HandoffLinear) -> None:
-    """Give the pair one mailbox (plain attributes) and the consumer the activation's kind."""
+def _path_untouched(consumer: HandoffLinear) -> bool:
+    """No hook and no instance-level ``forward`` on the modules between the activation and its consumer
+    (a hook could edit the output in place, which compiled code cannot see by version)."""
+    from lowmembp_convert.observers import hooked
+
+    return not hooked(*getattr(consumer, "_lowmembp_path", ()))
+
+
+def link(activation: HandoffActivation, consumer: HandoffLinear, path: tuple[nn.Module, ...] = ()) -> None:
+    """Give the pair one mailbox (plain attributes) and the consumer the activation's kind and the
+    modules from the activation to itself (their hooks switch the hand-off off)."""
     box = Mailbox()
     activation._mailbox = box
     consumer._mailbox = box
     consumer.lowmembp_kind = activation.kind
+    consumer._lowmembp_path = tuple(path)

@@ -188,29 +188,37 @@ def _plan_layer(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cast_input_dtype(self, x, dtype: torch.dtype):
-    """PEFT's cast, skipped when every active adapter's lora_A upcasts inside (checked at each call)."""
-    if (
-        isinstance(x, torch.Tensor)
-        and getattr(self, "cast_input_dtype_enabled", True)
-        and exact_upcast(x.dtype, dtype)
-        and _adapters_upcast_inside(self, dtype)
-    ):
-        return x
-    return super(type(self), self)._cast_input_dtype(x, dtype)
+def _cast_input_dtype_of(base: type):
+    stock = base._cast_input_dtype
+
+    def _cast_input_dtype(self, x, dtype: torch.dtype):
+        """PEFT's cast, skipped when every active adapter's lora_A upcasts inside (checked at each call)."""
+        if (
+            isinstance(x, torch.Tensor)
+            and getattr(self, "cast_input_dtype_enabled", True)
+            and exact_upcast(x.dtype, dtype)
+            and _adapters_upcast_inside(self, dtype)
+        ):
+            return x
+        return stock(self, x, dtype)  # the base class's own: a later subclass on top must not loop
+
+    return _cast_input_dtype
 
 
 def _adapters_upcast_inside(layer: nn.Module, dtype: torch.dtype) -> bool:
+    from .recompute import _hooked
+
     variants = getattr(layer, "lora_variant", {})
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
-        lora_a = layer.lora_A[name]
+        lora_a, dropout = layer.lora_A[name], layer.lora_dropout[name]
         if (
             name in variants
             or type(lora_a) is not UpcastInputLinear
             or lora_a.weight.dtype != dtype
-            or type(layer.lora_dropout[name]) is not nn.Identity
+            or type(dropout) is not nn.Identity
+            or _hooked(lora_a, dropout)  # a hook (or a wrapped forward) sees what PEFT hands it: the upcast
         ):
             return False
     return True
@@ -230,7 +238,7 @@ def _subclass(base: type) -> type:
             base.__name__,
             (base,),
             {
-                "_cast_input_dtype": _cast_input_dtype,
+                "_cast_input_dtype": _cast_input_dtype_of(base),
                 "__reduce_ex__": __reduce_ex__,
                 "__module__": base.__module__,
                 "lowmembp_adapter_inputs": True,

@@ -164,6 +164,17 @@ def _activation_for(site: ActivationSite, old: nn.Module) -> nn.Module:
     return new
 
 
+def _path_between(model: nn.Module, a: str, b: str) -> tuple[nn.Module, ...]:
+    """The modules below the common parent of ``a`` and ``b`` down to each of them (both included)."""
+    pa, pb = a.split("."), b.split(".")
+    common = 0
+    while common < min(len(pa), len(pb)) - 1 and pa[common] == pb[common]:
+        common += 1
+    names = [".".join(pa[: i + 1]) for i in range(common, len(pa))]
+    names += [".".join(pb[: i + 1]) for i in range(common, len(pb))]
+    return tuple(model.get_submodule(n) for n in names)
+
+
 def _handoff(model: nn.Module, site: ActivationSite) -> None:
     """Across modules: the activation hands its input to the consumer Linear (same object, class swapped)."""
     old = model.get_submodule(site.module)
@@ -174,7 +185,7 @@ def _handoff(model: nn.Module, site: ActivationSite) -> None:
     consumer = model.get_submodule(site.recompute.consumer)
     if type(consumer) is nn.Linear:
         consumer.__class__ = HandoffLinear
-    link(new, consumer)
+    link(new, consumer, _path_between(model, site.module, site.recompute.consumer))
 
 
 def apply_plan(

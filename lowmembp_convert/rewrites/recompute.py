@@ -30,6 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..graph_calls import call_inputs, module_calls
 from ..nn.handoff import HandoffLinear
+from ..observers import hooked
 from ..ops.recompute import act_linear
 from ..transaction import preserved_modes
 
@@ -421,16 +422,7 @@ def _lora_act_linear(a: torch.Tensor, u: torch.Tensor | None, layer: nn.Module, 
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    from torch.nn.modules import module as nn_module
-
-    if (
-        nn_module._global_forward_hooks
-        or nn_module._global_forward_pre_hooks
-        or nn_module._global_backward_hooks
-        or nn_module._global_backward_pre_hooks
-    ):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+    return hooked(*modules)
 
 
 def activation_stamp(module: nn.Module) -> str:

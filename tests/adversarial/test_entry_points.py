@@ -155,3 +155,25 @@ def test_verify_accepts_peft_fp32_adapters_on_a_bf16_model() -> None:
     with torch.no_grad():
         a, b = original(input_ids=_ids()).logits.float(), model(input_ids=_ids()).logits.float()
     assert rel(a, b) < 5e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_convert_leaves_no_hook_or_attribute_of_its_own_forwards(family: str) -> None:
+    """Capturing and verifying ask for every hidden state, which makes transformers install output-
+    capturing hooks (local functions: the model would no longer pickle) the first time: they go."""
+    import io
+
+    if family == "llama":
+        model = _llama()
+    else:
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=40,
+        )  # fmt: skip
+        model = transformers.BertForMaskedLM(config)
+    hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    attributes = set(vars(model))
+    convert(model)
+    assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    assert set(vars(model)) - attributes <= {"lowmembp_report"}
+    torch.save(model, io.BytesIO())

@@ -230,3 +230,29 @@ def test_fp32_model_under_bf16_autocast_lora_a_keeps_the_norm_output() -> None:
     assert saved(off) - saved(on) == 2 * 5 * 192 * 2
     with torch.no_grad():  # and outside autocast nothing changes: fp32 in, plain Linear
         assert torch.equal(off(x), on(x))
+
+
+def test_a_hook_on_lora_a_sees_what_peft_hands_it() -> None:
+    stock = _llama(torch.bfloat16)
+    model = convert(copy.deepcopy(stock), **ONLY)
+    seen = {"stock": set(), "model": set()}
+    for key, m in (("stock", stock), ("model", model)):
+        for name, module in m.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_pre_hook(lambda mod, args, key=key: seen[key].add(args[0].dtype))
+    _assert_bitwise(stock, model)
+    assert seen["stock"] == seen["model"] == {torch.float32}
+
+
+def test_a_class_put_on_top_of_the_converted_layer_does_not_loop() -> None:
+    """FSDP2's fully_shard and parametrize swap in a subclass of the current class: PEFT's own cast
+    must still be reachable from the override."""
+    stock = _llama(torch.bfloat16, layers=1)
+    model = convert(copy.deepcopy(stock), **ONLY)
+    for m in (stock, model):
+        layer = m.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+        layer.__class__ = type("Wrapped", (type(layer),), {})
+    _assert_bitwise(stock, model)
+    for m in (stock, model):  # a dropout makes the override call PEFT's cast
+        m.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").lora_dropout["default"] = nn.Dropout(0.2)
+    _assert_bitwise(stock, model)

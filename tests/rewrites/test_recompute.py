@@ -322,3 +322,18 @@ def test_a_lora_consumer_compiles_fullgraph_and_keeps_fewer_bytes() -> None:
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
     assert _bytes(compiled, _x()) < _bytes(stock, _x())
+
+
+def test_an_instance_level_forward_on_the_consumer_runs() -> None:
+    """accelerate's hooks, quantizers and wrappers replace ``module.forward`` on the instance: the fused
+    op must not bypass it."""
+    torch.manual_seed(0)
+    stock = Stack(lambda: Gated(nn.SiLU())).train()
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    for m in (stock, model):
+        down = m.blocks[0].down
+        down.forward = lambda x, f=down.forward: f(x * 0.5)
+    (y0, g0), (y1, g1) = _run(stock, _x()), _run(model, _x())
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.equal(a, b)
