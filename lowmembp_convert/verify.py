@@ -75,6 +75,32 @@ class _Recorder:
         self.folded, self.consumers = set(folded), set(consumers)
         self._tainted: set[int] = set()
         self._tainted_values: list[tuple[torch.Size, torch.Tensor]] = []
+        self._stack: list[str] = []  # the modules being run, outermost first
+
+    @property
+    def propagates(self) -> bool:
+        """Ops on x_hat-derived tensors make x_hat-derived tensors, except inside a consumer (its
+        output must equal stock's)."""
+        return bool(self.folded) and not any(name in self.consumers for name in self._stack)
+
+    def taint_outputs(self, args: Any, out: Any) -> None:
+        """Called for every torch function run (see :class:`_Propagate`)."""
+        if any(self._is_tainted(t) for t in all_tensors(list(args)) if isinstance(t, torch.Tensor)):
+            for t in all_tensors(out):
+                self._tainted.add(_storage(t))
+
+    def enter(self, name: str):
+        def push(_module, _inputs):
+            self._stack.append(name)
+
+        return push
+
+    def leave(self, name: str):
+        def pop(_module, _inputs, _output):
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+
+        return pop
 
     def _is_tainted(self, t: torch.Tensor) -> bool:
         """The tensor is (a view of) a recorded x_hat-derived output, or a copy of one in another
@@ -110,12 +136,31 @@ class _Recorder:
         return record
 
 
+class _Propagate(torch.overrides.TorchFunctionMode):
+    """Marks what torch functions make of x_hat-derived tensors outside consumers (a slice of a folded
+    norm's output that an adapter then casts to its own dtype, a zero pad...) as x_hat-derived too."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.recorder.propagates:
+            self.recorder.taint_outputs([*args, *(kwargs or {}).values()], out)
+        return out
+
+
 def _run(model: nn.Module, inputs: tuple[tuple, dict], recorder: _Recorder) -> list[torch.Tensor]:
     args, kwargs = inputs
-    handles = [m.register_forward_hook(recorder.hook(name)) for name, m in model.named_modules()]
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(recorder.enter(name)))
+        handles.append(m.register_forward_hook(recorder.hook(name)))
+        handles.append(m.register_forward_hook(recorder.leave(name), always_call=True))
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _Propagate(recorder):
             out = model(*args, **kwargs)
         return [t.detach().clone() for t in all_tensors(out) if t.is_floating_point()]
     finally:
