@@ -41,6 +41,14 @@ def _check_model(model: object) -> None:
             f"convert() cannot rewrite a TorchScript module ({type(model).__name__}): its code is compiled. "
             "Convert the Python model first, then script it"
         )
+    from torch.nn.parameter import is_lazy
+
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"convert(): {lazy[0]} is an uninitialized (lazy) parameter, so the model's shapes are not known "
+            "yet; run one forward pass first (which materialises it), then convert"
+        )
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,8 +90,8 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
     previous = getattr(model, REPORT_ATTR, None)
     trainable_before = _trainable(model)
     snapshot = ModelSnapshot(model)
+    progress = _Progress(model)
     try:
-        progress = _Progress(model)
         progress.stage("recording the original's outputs")
         recording = verification.record(model, inputs) if config.verify and inputs is not None else None
         before = _measure(model, inputs) if config.measure_memory and inputs is not None else None

@@ -49,8 +49,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _storages(t: torch.Tensor) -> list[tuple[StorageKey, int]]:
     """(key, nbytes) of every storage behind ``t``; wrapper subclasses are flattened."""
     if is_traceable_wrapper_subclass(t):
-        attrs, _ = t.__tensor_flatten__()
-        return [s for name in attrs for s in _storages(getattr(t, name))]
+        attrs, _ = t.__tensor_flatten__()  # DTensor also names its device mesh: only tensors hold storage
+        inner = [getattr(t, name) for name in attrs]
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):

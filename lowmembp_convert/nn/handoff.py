@@ -102,7 +102,11 @@ class HandoffLinear(nn.Linear):
         pending = None
         if box is not None:
             pending, box.pending = box.pending, None
-        if pending is not None and not _functorch_or_no_grad() and _path_untouched(self):
+        if pending is not None and not _functorch_or_no_grad() and not _path_untouched(self):
+            from lowmembp_convert.observers import note_switched_off
+
+            note_switched_off(f"the hand-off to {type(self).__name__}")
+        elif pending is not None and not _functorch_or_no_grad():
             handed = pending[0]
             if isinstance(handed, weakref.ref):  # left by eager code (compiled code leaves the tensor)
                 handed = handed()

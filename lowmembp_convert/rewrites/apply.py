@@ -145,11 +145,17 @@ def _count_twin_linear(notes: list[str], fqn: str) -> None:
     )
 
 
+# private flags libraries set on modules and read later: transformers' weight initialisation skips a
+# module marked initialised (else resize_token_embeddings / init_weights could re-initialise it)
+_KEPT_PRIVATE = ("_is_hf_initialized",)
+
+
 def _keep_attributes(old: nn.Module, new: nn.Module) -> None:
     """Public plain attributes of the stock module that host code may read (``variance_epsilon``,
-    ``hidden_size``, ``elementwise_affine``...) stay readable on the replacement."""
+    ``hidden_size``, ``elementwise_affine``...) and library flags (``_KEPT_PRIVATE``) stay readable
+    on the replacement."""
     for name, value in vars(old).items():
-        if name.startswith("_") or name == "training" or hasattr(new, name):
+        if (name.startswith("_") and name not in _KEPT_PRIVATE) or name == "training" or hasattr(new, name):
             continue
         setattr(new, name, value)
 

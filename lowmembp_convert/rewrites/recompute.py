@@ -30,7 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..graph_calls import call_inputs, module_calls
 from ..nn.handoff import HandoffLinear
-from ..observers import hooked
+from ..observers import hooked, note_switched_off
 from ..ops.recompute import act_linear
 from ..transaction import preserved_modes
 
@@ -370,6 +370,8 @@ def recompute_act_linear(
             return _lora_act_linear(a, u, consumer, kind)
     elif _fused_applies(act, between, consumer, layout, stamp):
         return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
+    if not torch.compiler.is_compiling() and hooked(act, *between, consumer):
+        note_switched_off(f"{type(act).__name__} -> {type(consumer).__name__}")
     p = act(a)
     if u is not None:
         p = p * u

@@ -177,3 +177,23 @@ def test_convert_leaves_no_hook_or_attribute_of_its_own_forwards(family: str) ->
     assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
     assert set(vars(model)) - attributes <= {"lowmembp_report"}
     torch.save(model, io.BytesIO())
+
+
+def test_a_lazy_module_is_refused_before_anything_changes() -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.LazyLinear(4))
+    before = [(n, type(m), dict(vars(m))) for n, m in model.named_modules()]  # lazy values cannot be cloned
+    with pytest.raises(ValueError, match="uninitialized .lazy. parameter.*run one forward pass first"):
+        convert(model)
+    assert [(n, type(m), dict(vars(m))) for n, m in model.named_modules()] == before
+    assert model(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_replacements_keep_transformers_initialised_flag() -> None:
+    """transformers' init_weights skips modules marked initialised; a replacement without the mark
+    could be re-initialised later (resize_token_embeddings)."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    marked = {n for n, m in model.named_modules() if getattr(m, "_is_hf_initialized", False)}
+    assert marked
+    convert(model)
+    assert {n for n, m in model.named_modules() if getattr(m, "_is_hf_initialized", False)} >= marked

@@ -337,3 +337,24 @@ def test_an_instance_level_forward_on_the_consumer_runs() -> None:
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_hook_that_switches_the_fused_op_off_warns_once_and_observers_do_not() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lowmembp_convert import observers
+
+    torch.manual_seed(0)
+    stock = Stack(lambda: Gated(nn.SiLU())).train()
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    with FlopCounterMode(display=False):  # torch's ModuleTracker only watches: the saving stays
+        assert _bytes(model, _x()) < _bytes(stock, _x())
+    observers._WARNED.clear()
+    model.blocks[0].down.register_forward_hook(lambda mod, args, out: None)
+    with pytest.warns(UserWarning, match="without the memory saving"):
+        model(_x())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(_x())  # once
