@@ -2,9 +2,9 @@
 
 A rewritten forward runs its fused op only while no hook, and no instance-level ``forward`` (as
 accelerate's hooks and wrappers install), could change what the skipped modules see or return.
-Global module hooks count too, except observers: those lowmembp registers (the module labels of
-``activation_memory(explain=True)``: ids in :data:`OBSERVER_HOOK_IDS`) and torch's ModuleTracker
-(FlopCounterMode and the memory trackers use it).
+Global module hooks count too. Observers do not: the hooks lowmembp registers only to watch (the
+module labels of ``activation_memory(explain=True)``, the recorder of ``verify``: ids in
+:data:`OBSERVER_HOOK_IDS`) and torch's ModuleTracker (FlopCounterMode and the memory trackers).
 """
 
 from __future__ import annotations
@@ -43,13 +43,17 @@ def hooked(*modules: nn.Module) -> bool:
     if global_hooks():
         return True
     return any(
-        m._forward_hooks
-        or m._forward_pre_hooks
+        _live(m._forward_hooks)
+        or _live(m._forward_pre_hooks)
         or m._backward_hooks
         or m._backward_pre_hooks
         or "forward" in m.__dict__
         for m in modules
     )
+
+
+def _live(table) -> bool:
+    return any(key not in OBSERVER_HOOK_IDS for key in table)
 
 
 _WARNED: set[str] = set()

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConversionError
+from .observers import OBSERVER_HOOK_IDS
 from .transaction import RandomState, no_side_effects
 
 # Default tolerance (max |a - b| / max |a|) per dtype: a fold rounds each folded weight once and a
@@ -158,6 +159,7 @@ def _run(model: nn.Module, inputs: tuple[tuple, dict], recorder: _Recorder) -> l
         handles.append(m.register_forward_pre_hook(recorder.enter(name)))
         handles.append(m.register_forward_hook(recorder.hook(name)))
         handles.append(m.register_forward_hook(recorder.leave(name), always_call=True))
+    OBSERVER_HOOK_IDS.update(h.id for h in handles)  # they only record: the fused paths run as they will
     try:
         model.eval()
         with torch.no_grad(), _Propagate(recorder):
@@ -166,6 +168,7 @@ def _run(model: nn.Module, inputs: tuple[tuple, dict], recorder: _Recorder) -> l
     finally:
         for h in handles:
             h.remove()
+            OBSERVER_HOOK_IDS.discard(h.id)
 
 
 def _lowest_precision(model: nn.Module) -> torch.dtype:

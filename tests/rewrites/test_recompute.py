@@ -358,3 +358,17 @@ def test_a_hook_that_switches_the_fused_op_off_warns_once_and_observers_do_not()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(_x())  # once
+
+
+def test_convert_with_verify_runs_the_fused_op_without_warning() -> None:
+    """verify's recorder hooks only watch: the replay runs the fused op (what training will run)."""
+    import warnings
+
+    from lowmembp_convert import observers
+
+    observers._WARNED.clear()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = convert(Stack(lambda: Gated(nn.SiLU())).train(), example_inputs=((_x(),), {}), verify=True)
+    assert all(s.option == "recompute" for s in model.lowmembp_report.plan.activations)
