@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..capture import Capture
 from ..plan import Plan
-from .recompute import OPTIONS, check_container, estimate_site
+from .recompute import OPTIONS, check_container, estimate_site, grad_nodes
 
 
 def _size(n: int) -> str:
@@ -38,11 +38,14 @@ def plan_activations(
     mode: str,
 ) -> None:
     """Fill in each convertible activation site's estimate and option (``mode``: auto or recompute)."""
+    needs_grad = grad_nodes(capture.graph, model, capture.param_of_placeholder)
     for site in plan.activations:
         if site.action != "convert":
             continue
         module = model.get_submodule(site.module)
-        est = estimate_site(model, capture.graph, set(module_names[id(module)]), state, capture.param_of_placeholder)
+        est = estimate_site(
+            model, capture.graph, set(module_names[id(module)]), state, capture.param_of_placeholder, needs_grad
+        )
         if est.recompute is not None and est.recompute.layout != "handoff":
             container = model.get_submodule(est.recompute.container)
             why = check_container(container, [(est.recompute, site.kind)])

@@ -140,9 +140,17 @@ def estimate_site(
     names: set[str],
     state: set[fx.Node],
     param_of_placeholder: dict[str, str],
+    needs_grad: set[fx.Node] | None = None,
 ) -> Estimate:
     """Bytes each option keeps at the activation module known under ``names``, and whether the
-    graph proves the recompute pattern (one call, ``consumer(act(a) [* u])``, nothing else reading)."""
+    graph proves the recompute pattern (one call, ``consumer(act(a) [* u])``, nothing else reading).
+
+    ``needs_grad``: the nodes whose values require a gradient (:func:`grad_nodes`); an op keeps an
+    input for backward only when the gradient it serves is needed. None: every node does."""
+
+    def grad(node) -> bool:
+        return needs_grad is None or node in needs_grad
+
     est = Estimate()
     stock, approx, recompute = _Storages(), _Storages(), _Storages()
     calls = module_calls(graph, names)
@@ -158,9 +166,10 @@ def estimate_site(
             continue
         (a,), (h,) = tuple(inputs), outputs
         a_val, h_val = _val(a), _val(h)
-        stock.add(a_val)
-        approx.add_bytes(("codes", index), math.ceil(a_val.numel() / 4) if a_val is not None else 0)
-        recompute.add(a_val)
+        if grad(a):  # the activation keeps its input (or its 2-bit code) only for da
+            stock.add(a_val)
+            approx.add_bytes(("codes", index), math.ceil(a_val.numel() / 4) if a_val is not None else 0)
+            recompute.add(a_val)
         user, _chain = _single_user_chain(h)
         lora = _lora_consumer(model, h, param_of_placeholder) if user is None else None
         if user is None and lora is None:  # several readers of h: each may keep it (as stock does)
@@ -176,9 +185,12 @@ def estimate_site(
             if isinstance(other, fx.Node) and _val(other) is not None and _val(other).shape == h_val.shape:
                 u_node, p = other, user
                 for kept in (stock, approx):
-                    kept.add(h_val)  # mul keeps h for du and u for dh
-                    kept.add(_val(other))
-                recompute.add(_val(other))
+                    if grad(other):
+                        kept.add(h_val)  # mul keeps h for du and u for dh
+                    if grad(a):
+                        kept.add(_val(other))
+                if grad(a) or grad(other):
+                    recompute.add(_val(other))
                 user, _chain = _single_user_chain(user)
                 lora = _lora_consumer(model, p, param_of_placeholder) if user is None else None
         if lora is not None:  # a PEFT LoRA layer reads p: its base Linear and (through casts) lora_A
@@ -231,6 +243,10 @@ def estimate_site(
                 recompute.add(_val(p))
             continue
         pattern = RecomputeSite(container, local[0], local[1], layout, u_node is not None)
+    if pattern is not None and not (grad(a) or (u_node is not None and grad(u_node))):
+        # neither a nor u needs a gradient: the fused op runs the stock calls (it would keep a, u for
+        # the consumer's weight gradient where stock keeps the one product)
+        reasons.append("neither the activation's input nor the gating factor needs a gradient here")
     est.bytes = {"stock": stock.total, "approx": approx.total}
     if pattern is not None and not reasons:
         est.recompute = pattern
@@ -238,6 +254,21 @@ def estimate_site(
     else:
         est.why_not_recompute = reasons[0] if reasons else "no consumer found"
     return est
+
+
+def grad_nodes(graph: fx.Graph, model: nn.Module, param_of_placeholder: dict[str, str]) -> set[fx.Node]:
+    """The nodes whose values require a gradient in training: downstream of a trainable parameter.
+    The model's inputs are taken not to (a frozen prefix keeps nothing; a hook that makes them require
+    one, as PEFT's enable_input_require_grads, only makes stock keep more)."""
+    needs: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            fqn = param_of_placeholder.get(node.name)
+            if fqn is not None and model.get_parameter(fqn).requires_grad:
+                needs.add(node)
+        elif node.op == "call_function" and any(n in needs for n in node.all_input_nodes):
+            needs.add(node)
+    return needs
 
 
 def _recompute_blocker(model: nn.Module, consumer, n_calls: int, param_of_placeholder: dict[str, str]) -> str:
@@ -365,7 +396,9 @@ def recompute_act_linear(
     and no hook on any of them (a hook registered after converting must run). Otherwise the stock
     calls run, in the stock order: exact, as stock, without the saving.
     """
-    if layout == "lora":
+    if not (a.requires_grad or (u is not None and u.requires_grad)):
+        pass  # only weights need gradients: the fused op would keep a and u where stock keeps the product
+    elif layout == "lora":
         if _lora_fused_applies(a, u, act, between, consumer, stamp):
             return _lora_act_linear(a, u, consumer, kind)
     elif _fused_applies(act, between, consumer, layout, stamp):

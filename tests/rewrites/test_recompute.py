@@ -125,16 +125,48 @@ def test_gradients_match_a_float64_oracle() -> None:
         assert ((a - b.double()).abs().max() / a.abs().max()).item() < 1e-5
 
 
-def test_auto_picks_the_fewest_bytes_and_the_estimates_match_the_meter() -> None:
-    """Per site: the estimate of each option against bytes measured with only that site converted."""
+class _SplitLayer(nn.Module):
+    """BERT's shape: the activation in one child module, its consumer in another (the hand-off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.intermediate = nn.Sequential(nn.Linear(D, HIDDEN), nn.GELU())
+        self.output = nn.Sequential(nn.Linear(HIDDEN, D))
+
+    def forward(self, x):
+        return self.output(self.intermediate(x))
+
+
+def _estimate_case(case: str) -> nn.Module:
     torch.manual_seed(0)
+    if case == "handoff":
+        return Stack(_SplitLayer)
     stock = Stack(lambda: Gated(nn.SiLU()))
+    if case == "lora_consumer":
+        peft = pytest.importorskip("peft")
+        stock = peft.get_peft_model(stock, peft.LoraConfig(r=2, target_modules=["down"], init_lora_weights=False))
+    return stock
+
+
+@pytest.mark.parametrize("case", ["gated", "lora_consumer", "handoff"])
+def test_auto_picks_the_fewest_bytes_and_the_estimates_match_the_meter(case: str) -> None:
+    """Per site: the estimate of each option against bytes measured with only that site converted
+    (a plain consumer, a PEFT LoRA consumer, and a hand-off between two modules)."""
+    stock = _estimate_case(case)
     model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False)
-    for site in model.lowmembp_report.plan.activations:
+    sites = model.lowmembp_report.plan.activations
+    for site in sites:
+        if case == "lora_consumer" and site.module.endswith("blocks.0.act"):
+            # PEFT froze the base and the input needs no gradient: the first MLP keeps only lora_A's
+            # input, and no option keeps less
+            assert site.action == "skip" and site.estimate["approx"] == site.estimate["stock"], site.reason
+            continue
         assert site.option == "recompute" and site.estimate["recompute"] == min(site.estimate.values())
     base = _bytes(stock, _x())
-    for site in model.lowmembp_report.plan.activations:
+    for site in sites:
         for option in ("approx", "recompute"):
+            if option not in site.estimate:
+                continue
             one = convert(
                 copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations=option,
                 filter_fn=lambda m, name, site=site: name == site.module,
@@ -180,7 +212,9 @@ def test_a_peft_wrapped_consumer_takes_the_recompute_through_its_adapter_path() 
     torch.manual_seed(0)
     stock = peft.get_peft_model(Stack(lambda: Gated(nn.SiLU())), peft.LoraConfig(r=2, target_modules=["down"]))
     wrapped = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
-    for site in wrapped.lowmembp_report.plan.activations:
+    first, *rest = wrapped.lowmembp_report.plan.activations
+    assert first.action == "skip" and "needs a gradient" in first.reason  # frozen base, input without grad
+    for site in rest:
         assert site.option == "recompute" and site.recompute.layout == "lora", site.reason
     assert torch.equal(stock(_x()), wrapped(_x()))
     config = peft.LoraConfig(r=2, target_modules=["down"], lora_dropout=0.1)
