@@ -47,3 +47,24 @@ def test_random_model_with_lora_adapters_keeps_the_rule(seed: int) -> None:
         model, example_inputs(seed), activations=activations, norms=seed % 2 == 0, verify=False, grad_exact=True
     )
     assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(300, 1200))
+def test_more_random_models_with_lora_recompute_and_verify(seed: int) -> None:
+    """The slow set's wider sweep (it found the verify refusal of seed 882): LoRA on every third
+    seed, the exact recompute on LoRA seeds and every fifth, verify on every seventh."""
+    lora = seed % 3 == 0
+    if lora:
+        pytest.importorskip("peft")
+    model = with_lora(FuzzModel(seed), seed) if lora else FuzzModel(seed)
+    activations = "recompute" if lora or seed % 5 == 0 else bool(seed % 2)
+    result = convert_checked(
+        model,
+        example_inputs(seed),
+        activations=activations,
+        norms=seed % 2 == 0 or not lora,
+        verify=seed % 7 == 0,
+        grad_exact=activations in (False, "recompute"),
+    )
+    assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"
