@@ -117,7 +117,7 @@ class RandomState:
             numpy.random.set_state(self.numpy)
 
 
-_HOOK_DICTS = (
+HOOK_DICTS = (  # every per-module hook table (the with_kwargs / always_called ones index forward hooks)
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -137,7 +137,7 @@ def no_lasting_additions(model: nn.Module) -> Iterator[None]:
     """Hooks registered on, and attributes added to, ``model``'s modules inside are removed on exit."""
     before = []
     for m in _unique_modules(model):
-        hooks = {name: set(getattr(m, name, None) or ()) for name in _HOOK_DICTS}
+        hooks = {name: set(getattr(m, name, None) or ()) for name in HOOK_DICTS}
         before.append((m, set(m.__dict__), hooks))
     try:
         yield

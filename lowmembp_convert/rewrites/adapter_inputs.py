@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..capture import Capture
 from ..nn.linear import UpcastInputLinear
+from ..observers import hooked
 from ..ops.recompute import exact_upcast
 from ..plan import AdapterSite, Plan
 
@@ -197,7 +198,7 @@ def _cast_input_dtype_of(base: type):
             isinstance(x, torch.Tensor)
             and getattr(self, "cast_input_dtype_enabled", True)
             and exact_upcast(x.dtype, dtype)
-            and _adapters_upcast_inside(self, dtype)
+            and _adapters_upcast_inside(self, x.dtype, dtype)
         ):
             return x
         return stock(self, x, dtype)  # the base class's own: a later subclass on top must not loop
@@ -205,23 +206,15 @@ def _cast_input_dtype_of(base: type):
     return _cast_input_dtype
 
 
-def _adapters_upcast_inside(layer: nn.Module, dtype: torch.dtype) -> bool:
-    from .recompute import _hooked
-
-    variants = getattr(layer, "lora_variant", {})
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        lora_a, dropout = layer.lora_A[name], layer.lora_dropout[name]
-        if (
-            name in variants
-            or type(lora_a) is not UpcastInputLinear
-            or lora_a.weight.dtype != dtype
-            or type(dropout) is not nn.Identity
-            or _hooked(lora_a, dropout)  # a hook (or a wrapped forward) sees what PEFT hands it: the upcast
-        ):
-            return False
-    return True
+def _adapters_upcast_inside(layer: nn.Module, x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Every active adapter is a vanilla one (as the recompute needs: :func:`lora_runtime_modules`)
+    whose lora_A is a converted one of ``dtype``, with no hook or wrapped forward on lora_A or its
+    dropout (they would see what PEFT hands them: the upcast)."""
+    modules = lora_runtime_modules(layer, x_dtype, any_base=True)
+    if modules is None or hooked(*modules[2:]):  # [layer, base_layer, lora_A, dropout, ...]
+        return False
+    active = [layer.lora_A[n] for n in layer.active_adapters if n in layer.lora_A]
+    return all(type(a) is UpcastInputLinear and a.weight.dtype == dtype for a in active)
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -290,7 +283,7 @@ def lora_recompute_blocker(layer: nn.Module) -> str:
     return ""
 
 
-def lora_runtime_modules(layer: nn.Module, p_dtype: torch.dtype) -> list[nn.Module] | None:
+def lora_runtime_modules(layer: nn.Module, p_dtype: torch.dtype, any_base: bool = False) -> list[nn.Module] | None:
     """The modules whose hooks would run in PEFT's forward of ``layer`` on an input of ``p_dtype``, when
     that forward is the vanilla one the recompute reproduces; None when it is not (merged or disabled
     adapters, a variant, dropout, casting switched off, a cast that is not an exact upcast...)."""
@@ -300,7 +293,7 @@ def lora_runtime_modules(layer: nn.Module, p_dtype: torch.dtype) -> list[nn.Modu
     if layer.merged or layer.disable_adapters or not getattr(layer, "cast_input_dtype_enabled", True):
         return None
     base = layer.base_layer
-    if type(base) is not nn.Linear:
+    if type(base) is not nn.Linear and not any_base:  # the recompute calls the base's weight itself
         return None
     modules = [layer, base]
     variants = getattr(layer, "lora_variant", {})

@@ -24,6 +24,7 @@ from ..graph_calls import call_inputs, is_no_op_alias, module_calls
 from ..graph_walk import WalkResult, walk_from
 from ..naming import param_names
 from ..plan import Consumer, NormSite, Plan
+from ..transaction import HOOK_DICTS
 
 
 def selected(config: ConvertConfig, module: nn.Module, fqn: str) -> bool:
@@ -65,21 +66,10 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
     return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
 def module_hooks(module: nn.Module) -> list[str]:
     """Names of the hook kinds registered on ``module`` itself (a replacement would drop them)."""
-    return [name.strip("_") for name in _HOOK_DICTS if getattr(module, name, None)]
+    kinds = [n for n in HOOK_DICTS if not n.endswith(("_with_kwargs", "_always_called"))]
+    return [name.strip("_") for name in kinds if getattr(module, name, None)]
 
 
 class NormAnalyzer:

@@ -396,12 +396,11 @@ def recompute_act_linear(
     and no hook on any of them (a hook registered after converting must run). Otherwise the stock
     calls run, in the stock order: exact, as stock, without the saving.
     """
-    if not (a.requires_grad or (u is not None and u.requires_grad)):
-        pass  # only weights need gradients: the fused op would keep a and u where stock keeps the product
-    elif layout == "lora":
-        if _lora_fused_applies(a, u, act, between, consumer, stamp):
+    # only weights needing gradients: the fused op would keep a and u where stock keeps the product
+    needs_input_grad = a.requires_grad or (u is not None and u.requires_grad)
+    if needs_input_grad and _fused_applies(a, u, act, between, consumer, layout, stamp):
+        if layout == "lora":
             return _lora_act_linear(a, u, consumer, kind)
-    elif _fused_applies(act, between, consumer, layout, stamp):
         return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
     if not torch.compiler.is_compiling() and hooked(act, *between, consumer):
         note_switched_off(f"{type(act).__name__} -> {type(consumer).__name__}")
@@ -414,25 +413,24 @@ def recompute_act_linear(
 
 
 def _fused_applies(
-    act: nn.Module, between: tuple[nn.Module, ...], consumer: nn.Module, layout: str, stamp: str
+    a: torch.Tensor,
+    u: torch.Tensor | None,
+    act: nn.Module,
+    between: tuple[nn.Module, ...],
+    consumer: nn.Module,
+    layout: str,
+    stamp: str,
 ) -> bool:
-    if not _is_plain_linear(consumer, layout) or _hooked(act, *between, consumer):
-        return False
-    if not all(_is_identity_module(m) for m in between):
-        return False
-    if torch.compiler.is_compiling():
-        return type(act).__qualname__ == stamp.partition("|")[0]
-    return activation_stamp(act) == stamp
+    """The modules are still what the rewrite proved: the consumer a stock Linear / Conv1D (or a
+    vanilla PEFT LoRA layer), identities in between, the same activation, no hook on any of them."""
+    if layout == "lora":
+        from .adapter_inputs import lora_runtime_modules
 
-
-def _lora_fused_applies(
-    a: torch.Tensor, u: torch.Tensor | None, act: nn.Module, between: tuple, layer: nn.Module, stamp: str
-) -> bool:
-    from .adapter_inputs import lora_runtime_modules
-
-    p_dtype = a.dtype if u is None else torch.promote_types(a.dtype, u.dtype)
-    modules = lora_runtime_modules(layer, p_dtype)
-    if modules is None or _hooked(act, *between, *modules):
+        p_dtype = a.dtype if u is None else torch.promote_types(a.dtype, u.dtype)
+        modules = lora_runtime_modules(consumer, p_dtype)
+    else:
+        modules = [consumer] if _is_plain_linear(consumer, layout) else None
+    if modules is None or hooked(act, *between, *modules):
         return False
     if not all(_is_identity_module(m) for m in between):
         return False
@@ -454,10 +452,6 @@ def _lora_act_linear(a: torch.Tensor, u: torch.Tensor | None, layer: nn.Module, 
         h = act_linear(a, u, lora_a.weight, lora_a.bias, kind, in_dtype=lora_a.weight.dtype)
         result = result + layer.lora_B[name](h) * layer.scaling[name]
     return result.to(result_dtype)
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    return hooked(*modules)
 
 
 def activation_stamp(module: nn.Module) -> str:

@@ -256,3 +256,14 @@ def test_a_class_put_on_top_of_the_converted_layer_does_not_loop() -> None:
     for m in (stock, model):  # a dropout makes the override call PEFT's cast
         m.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").lora_dropout["default"] = nn.Dropout(0.2)
     _assert_bitwise(stock, model)
+
+
+def test_gpt2_conv1d_base_layers_share_too() -> None:
+    """PEFT over transformers' Conv1D (fan_in_fan_out): the base layer stays PEFT's to call."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    lora = peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)
+    stock = peft.get_peft_model(transformers.GPT2LMHeadModel(config).to(torch.bfloat16), lora).train()
+    model = convert(copy.deepcopy(stock), **ONLY)
+    assert [s.action for s in model.lowmembp_report.plan.adapters] == ["share"] * 4
+    _assert_bitwise(stock, model)

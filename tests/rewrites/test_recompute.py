@@ -282,6 +282,23 @@ def test_a_real_family_llama_gated_mlp_is_recomputed_exactly() -> None:
         assert ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item() < 1e-5, name
 
 
+def _recomputed_pair(block) -> tuple[nn.Module, nn.Module]:
+    """(stock, converted with the exact recompute only) of a two-block Stack in training mode."""
+    torch.manual_seed(0)
+    stock = Stack(block).train()
+    return stock, convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+
+
+def _assert_bitwise_same(stock: nn.Module, model: nn.Module) -> None:
+    torch.manual_seed(1)  # the same dropout masks in both
+    y0, g0 = _run(stock, _x())
+    torch.manual_seed(1)
+    y1, g1 = _run(model, _x())
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.equal(a, b)
+
+
 def _changes_after_converting():
     """(name, change applied to both models) the rewritten forward must notice at run time."""
 
@@ -317,25 +334,15 @@ def _changes_after_converting():
 def test_a_module_changed_after_converting_runs_the_stock_calls(change) -> None:
     """Hooks, dropout, the activation or the consumer changed after convert(): the rewritten container
     must not run the fused op that was proven for the old modules (it would skip or mis-compute them)."""
-    torch.manual_seed(0)
-    stock = Stack(lambda: Plain(nn.GELU())).train()
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    stock, model = _recomputed_pair(lambda: Plain(nn.GELU()))
     assert all(s.option == "recompute" for s in model.lowmembp_report.plan.activations)
     change(stock)
     change(model)
-    torch.manual_seed(1)
-    y0, g0 = _run(stock, _x())
-    torch.manual_seed(1)
-    y1, g1 = _run(model, _x())
-    assert torch.equal(y0, y1)
-    for a, b in zip(g0, g1, strict=True):
-        assert torch.equal(a, b)
+    _assert_bitwise_same(stock, model)
 
 
 def test_a_global_module_hook_runs_the_stock_calls() -> None:
-    torch.manual_seed(0)
-    stock = Stack(lambda: Plain(nn.GELU())).train()
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    stock, model = _recomputed_pair(lambda: Plain(nn.GELU()))
     calls = []
     handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
     try:
@@ -361,16 +368,11 @@ def test_a_lora_consumer_compiles_fullgraph_and_keeps_fewer_bytes() -> None:
 def test_an_instance_level_forward_on_the_consumer_runs() -> None:
     """accelerate's hooks, quantizers and wrappers replace ``module.forward`` on the instance: the fused
     op must not bypass it."""
-    torch.manual_seed(0)
-    stock = Stack(lambda: Gated(nn.SiLU())).train()
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    stock, model = _recomputed_pair(lambda: Gated(nn.SiLU()))
     for m in (stock, model):
         down = m.blocks[0].down
         down.forward = lambda x, f=down.forward: f(x * 0.5)
-    (y0, g0), (y1, g1) = _run(stock, _x()), _run(model, _x())
-    assert torch.equal(y0, y1)
-    for a, b in zip(g0, g1, strict=True):
-        assert torch.equal(a, b)
+    _assert_bitwise_same(stock, model)
 
 
 def test_a_hook_that_switches_the_fused_op_off_warns_once_and_observers_do_not() -> None:
@@ -378,9 +380,7 @@ def test_a_hook_that_switches_the_fused_op_off_warns_once_and_observers_do_not()
 
     from lowmembp_convert import observers
 
-    torch.manual_seed(0)
-    stock = Stack(lambda: Gated(nn.SiLU())).train()
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), activations="recompute", norms=False)
+    stock, model = _recomputed_pair(lambda: Gated(nn.SiLU()))
     with FlopCounterMode(display=False):  # torch's ModuleTracker only watches: the saving stays
         assert _bytes(model, _x()) < _bytes(stock, _x())
     observers._WARNED.clear()

@@ -74,17 +74,22 @@ def _converted(stock: nn.Module) -> nn.Module:
     return convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
 
 
-def _assert_same(stock: nn.Module, model: nn.Module, **kw) -> None:
-    (y0, g0), (y1, g1) = _run(stock, **kw), _run(model, **kw)
+def _pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    stock = Stack().train()
+    return stock, _converted(stock)
+
+
+def _assert_same(stock: nn.Module, model: nn.Module, stock_loss=None, model_loss=None) -> None:
+    """Outputs bit for bit, gradients within 1e-5; ``*_loss``: an extra loss term for each model."""
+    (y0, g0), (y1, g1) = _run(stock, stock_loss), _run(model, model_loss)
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1, strict=True):
         assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
 
 
 def test_split_mlp_recomputes_exactly_and_keeps_fewer_bytes() -> None:
-    torch.manual_seed(0)
-    stock = Stack().train()
-    model = _converted(stock)
+    stock, model = _pair()
     sites = model.lowmembp_report.plan.activations
     assert [s.recompute.layout for s in sites] == ["handoff", "handoff"], [s.reason for s in sites]
     assert type(model.layers[0].intermediate.act) is HandoffActivation
@@ -102,35 +107,25 @@ def test_split_mlp_recomputes_exactly_and_keeps_fewer_bytes() -> None:
 
 def test_readers_the_graph_did_not_show_get_their_stock_results() -> None:
     """A hook that replaces the activation's output, and one that keeps it for a later loss term."""
-    torch.manual_seed(0)
-    stock = Stack().train()
-    model = _converted(stock)
+    stock, model = _pair()
     for m in (stock, model):
         m.layers[0].intermediate.register_forward_hook(lambda mod, args, out: out * 2)
     _assert_same(stock, model)
     kept = {}
     for name, m in (("stock", stock), ("model", model)):
         m.layers[1].intermediate.register_forward_hook(lambda mod, args, out, name=name: kept.__setitem__(name, out))
-    (y0, g0) = _run(stock, extra_loss=lambda: kept["stock"].square().sum())
-    (y1, g1) = _run(model, extra_loss=lambda: kept["model"].square().sum())
-    assert torch.equal(y0, y1)
-    for a, b in zip(g0, g1, strict=True):
-        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    _assert_same(stock, model, lambda: kept["stock"].square().sum(), lambda: kept["model"].square().sum())
 
 
 def test_no_grad_takes_the_plain_path() -> None:
-    torch.manual_seed(0)
-    stock = Stack().train()
-    model = _converted(stock)
+    stock, model = _pair()
     with torch.no_grad():
         assert torch.equal(stock(_x()), model(_x()))
     assert all(m._mailbox.pending is None for m in model.modules() if hasattr(m, "_mailbox"))
 
 
 def test_compile_fullgraph_hands_over_too() -> None:
-    torch.manual_seed(0)
-    stock = Stack().train()
-    model = _converted(stock)
+    stock, model = _pair()
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
 
@@ -204,9 +199,7 @@ CHANGES = [_in_place_on_intermediate, _in_place_pre_hook_on_consumer, _checkpoin
 def test_in_place_edits_and_a_checkpoint_around_the_consumer_alone_take_the_plain_path(change) -> None:
     """An in-place edit keeps the same tensor object (caught by its version), and a checkpoint around
     the consumer alone would recompute it without the hand-off (caught by the saved-tensor hooks)."""
-    torch.manual_seed(0)
-    stock = Stack().train()
-    model = _converted(stock)
+    stock, model = _pair()
     change(stock)
     change(model)
     _assert_same(stock, model)
