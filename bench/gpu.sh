@@ -58,8 +58,8 @@ if [ "$DRY" = 1 ]; then
     step models 300 "$PY" bench/gpu_models.py --device cpu --tiny --steps 1 --out "$OUT" --only vit-lora \
         --columns baseline auto approx recompute
 else
-    # 1. kernels: correctness + bandwidth against torch and the copy roofline (bench/kernels.py).
-    step kernels 100 "$PY" bench/kernels.py --markdown
+    # 1. kernels: correctness + bandwidth against torch and the copy roofline (bench/kernel_bench.py).
+    step kernels 100 "$PY" bench/kernel_bench.py --markdown
     # 2. GPU correctness tests: the ops tests (they run on CUDA when present), then every gpu-marked test.
     step tests 80 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/ops
     step tests_gpu 30 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests

@@ -1,4 +1,4 @@
-"""Triton kernels of ReGELU2 / ReSiLU2 (Approx-BP, METHOD.md section 1): exact forward, 2-bit backward.
+"""Triton kernels of ReGELU2 / ReSiLU2 (Approx-BP, docs/method.md section 1): exact forward, 2-bit backward.
 
 Forward, one pass over x:
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the memory-sharing LayerNorm / RMSNorm (MS-BP, METHOD.md section 2).
+"""Triton kernels of the memory-sharing LayerNorm / RMSNorm (MS-BP, docs/method.md section 2).
 
 ``@triton.jit`` code only; the launchers and the autograd wiring live in
 ``lowmembp_convert.ops.norms``. Every row of N elements (the normalized, last dimension) is

@@ -381,9 +381,11 @@ def compile_configs(
         for target in targets
     ]
     chunks = [work[i :: max(jobs, 1)] for i in range(max(jobs, 1))]
-    from lowmembp_convert import kernels  # the package's __init__ only: no Triton import
+    import importlib.util
 
-    kernel_dir = os.path.dirname(os.path.abspath(kernels.__file__))
+    # Where the kernel files are (found, not imported: no Triton import here). Not the package's
+    # __file__: in a built wheel lowmembp_convert.kernels is a namespace subpackage without one.
+    kernel_dir = os.path.dirname(os.path.abspath(importlib.util.find_spec("lowmembp_convert.kernels.norms").origin))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results: list[CompileResult] = []
     with tempfile.TemporaryDirectory(prefix="lowmembp_aot_") as tmp:

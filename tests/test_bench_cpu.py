@@ -14,7 +14,7 @@ import torch
 
 sys.path.append(
     str(Path(__file__).resolve().parents[1] / "bench")
-)  # appended: bench/kernels.py must not shadow anything
+)  # appended: bench/kernel_bench.py must not shadow anything
 
 import cpu_memory  # noqa: E402
 import gpu_models  # noqa: E402

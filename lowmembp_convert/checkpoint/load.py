@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from ..optional import optional_import
 from .errors import CheckpointError
 from .formats import CONFIG_FILE, CheckpointLayout, read_json
 
@@ -175,10 +176,9 @@ def _build_transformers(
 
 
 def _build_timm(ckpt_path: Path, name: str, kwargs: dict[str, Any]) -> MetaModel:
-    try:
-        import timm
-    except ImportError as exc:
-        raise CheckpointError(ckpt_path, f"--arch {name!r} needs timm", "pip install timm") from exc
+    timm = optional_import("timm")  # installed but broken: raises with the cause, never "needs timm"
+    if timm is None:
+        raise CheckpointError(ckpt_path, f"--arch {name!r} needs timm", "pip install timm")
     if not timm.is_model(name):
         raise _unknown_arch(ckpt_path, f"{name!r} (neither a timm model name nor a directory)")
     try:
@@ -249,7 +249,7 @@ def _transformers_key_map(model: nn.Module, checkpoint_keys: set[str], model_key
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-    except ImportError:
+    except ImportError:  # transformers itself imported already: an older version without this API
         return None
     try:
         transforms = get_model_conversion_mapping(model)

@@ -1,7 +1,7 @@
 """Thin modules over :mod:`lowmembp_convert.ops.activations`: drop-in nn.GELU / nn.SiLU replacements.
 
 Forward is exact (the stock GELU / SiLU, bit for bit on the torch path); backward is approximate
-(a 4-level step function of METHOD.md section 1), and only 2 bits per element are saved for it.
+(a 4-level step function of docs/method.md section 1), and only 2 bits per element are saved for it.
 """
 
 from __future__ import annotations

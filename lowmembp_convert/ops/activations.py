@@ -1,4 +1,4 @@
-"""ReGELU2 and ReSiLU2 (Approx-BP, METHOD.md section 1): exact forward, 2-bit step-function backward.
+"""ReGELU2 and ReSiLU2 (Approx-BP, docs/method.md section 1): exact forward, 2-bit step-function backward.
 
 Three tiers, as in TransformerEngine:
 

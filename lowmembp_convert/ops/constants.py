@@ -1,4 +1,4 @@
-"""ReGELU2 / ReSiLU2 constants (Yang et al., ICML 2024, METHOD.md section 1), used exactly.
+"""ReGELU2 / ReSiLU2 constants (Yang et al., ICML 2024, docs/method.md section 1), used exactly.
 
 code(x) = [x > c0] + [x > c1] + [x > c2] in 0..3, and the approximate derivative is
 level[code] with level = [0, a0, a0 + a1, a0 + a1 + a2]. The level sums are formed in float64 and

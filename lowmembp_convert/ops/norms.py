@@ -1,4 +1,4 @@
-"""Memory-sharing LayerNorm and RMSNorm (MS-BP, METHOD.md section 2): launchers, reference, autograd.
+"""Memory-sharing LayerNorm and RMSNorm (MS-BP, docs/method.md section 2): launchers, reference, autograd.
 
 A stock norm saves its input x for backward while the Linear after it saves the norm's output y:
 two tensors of the same size. These norms save y itself (the very tensor they return, so the

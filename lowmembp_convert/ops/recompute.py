@@ -1,4 +1,4 @@
-"""Exact recompute of an MLP activation inside its consumer's backward (METHOD.md section 7).
+"""Exact recompute of an MLP activation inside its consumer's backward (docs/method.md section 7).
 
 Stock, a plain MLP ``fc2(act(a))`` keeps two I-sized tensors for backward (act's input a, fc2's input
 h = act(a)); a gated MLP ``down(act(g) * u)`` keeps four (g, u, act(g), the product p). The fused op

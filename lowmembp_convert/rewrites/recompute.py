@@ -1,4 +1,4 @@
-"""The per-site activation planner and the exact ``recompute`` rewrite (METHOD.md section 7).
+"""The per-site activation planner and the exact ``recompute`` rewrite (docs/method.md section 7).
 
 For each activation module the planner works out, from the captured graph, the bytes each option
 keeps for backward on the example batch, counting storages (a view keeps its base alive):

@@ -3,7 +3,7 @@
 ``lowmembp_convert.memory.per_block_bytes`` fits B(depth, batch) over depths (1, 2) and batches (1, 2)
 and keeps the per-block-per-sample term, so embeddings, head, loss and autocast weight copies cancel.
 Each model is measured, converted in place, and measured again in the same run. Targets (the lead's
-acceptance list, from METHOD.md section 4's accounting): ViT-B/16 fp32 -33%, ViT-B/16 bf16 autocast
+acceptance list, from docs/method.md section 4's accounting): ViT-B/16 fp32 -33%, ViT-B/16 bf16 autocast
 -38%, LLaMA-7B layers bf16 -33%, RoBERTa-base fp32 -30%. Figures are printed for BENCHMARKS.md.
 
 On CPU, training-mode dropout saves a float32 mask (CUDA saves a bool one), and SDPA with dropout_p>0

@@ -3,7 +3,7 @@
 Every numerical test runs twice through the ``path`` fixture: ``torch`` (the reference) and
 ``triton`` (the real kernels; on a machine without CUDA they run under TRITON_INTERPRET=1, set by
 tests/conftest.py before Triton is imported). Oracles are computed here, in float64, from the
-constants of METHOD.md typed out below, not from the package.
+constants of docs/method.md typed out below, not from the package.
 
 Tolerances:
 - torch path forward: bitwise equal to the stock ``F.gelu`` / ``F.silu``.
@@ -43,7 +43,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 INTERPRETED = not CUDA  # the Triton path runs in the (slow) interpreter: keep its shapes small
 
-# METHOD.md section 1, typed out: the oracle does not read the package's constants.
+# docs/method.md section 1, typed out: the oracle does not read the package's constants.
 GELU_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
 GELU_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
 SILU_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
@@ -415,7 +415,7 @@ def test_torch_compile_fullgraph_matches_eager(path, backend):
 
 
 # --------------------------------------------------------------------------------------------------
-# Quality of the approximation (METHOD.md section 1)
+# Quality of the approximation (docs/method.md section 1)
 # --------------------------------------------------------------------------------------------------
 
 

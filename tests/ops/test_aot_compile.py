@@ -140,7 +140,7 @@ def test_ptxas_log_agrees_with_cuobjdump(default_results) -> None:
 
 
 def test_bench_aot_table(default_results) -> None:
-    path = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "kernel_bench.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_aot", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up

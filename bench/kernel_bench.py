@@ -2,7 +2,7 @@
 
 For each shape and dtype it measures, in the same run, the device-copy bandwidth of a plain
 ``y.copy_(x)`` and then every entry's forward or backward; it reports GB/s (by the bytes floor of
-METHOD.md section 6), the floor time at the measured copy bandwidth, the fraction of copy bandwidth
+docs/method.md section 6), the floor time at the measured copy bandwidth, the fraction of copy bandwidth
 reached, the speed relative to the torch counterpart, and whether the target is met:
 
 - ReGELU2 / ReSiLU2 (fwd and bwd): >= 85% of copy bandwidth, and no slower than torch's op.
@@ -10,10 +10,10 @@ reached, the speed relative to the torch counterpart, and whether the target is 
 - Recompute passes (rebuild act(a) [* u], activation gradients): >= 85% of copy bandwidth, and no
   slower than the same math in torch ops.
 
-Run ``python bench/kernels.py [--markdown]`` on a CUDA machine; import and call :func:`run` to get
+Run ``python bench/kernel_bench.py [--markdown]`` on a CUDA machine; import and call :func:`run` to get
 the rows as dicts. Without CUDA it exits with a message.
 
-``python bench/kernels.py --aot [--markdown]`` needs no GPU: it compiles every kernel configuration the
+``python bench/kernel_bench.py --aot [--markdown]`` needs no GPU: it compiles every kernel configuration the
 launchers can choose for sm_80 and sm_90 (:mod:`lowmembp_convert.aot`) and prints registers, shared
 memory and spills from the cubins, and the bytes each kernel moves per element against the floor.
 """
@@ -55,7 +55,7 @@ class Entry:
     target: float | None = None
 
 
-# Bytes per element (METHOD.md section 6): an elementwise fwd reads x and writes y (2e), a stock
+# Bytes per element (docs/method.md section 6): an elementwise fwd reads x and writes y (2e), a stock
 # bwd reads dy and x and writes dx (3e); the 2-bit variants add or replace x by 1/4 byte of codes.
 def _read_write(e: int) -> float:
     return 2 * e
@@ -115,7 +115,7 @@ ACTIVATION_ENTRIES: list[Entry] = [
 
 # ==================================================================================================
 # NORM ENTRIES: the memory-sharing norms of lowmembp_convert.ops.norms (another module; imported in a
-# try so this file runs before it exists). Bytes floor per METHOD.md section 6: fwd 2e (read x, write
+# try so this file runs before it exists). Bytes floor per docs/method.md section 6: fwd 2e (read x, write
 # y; one fp32 rstd per row is negligible), bwd 3e (read dy and y, write dx). Add norm benchmarks here.
 # ==================================================================================================
 
@@ -155,7 +155,7 @@ def _norm_entries() -> list[Entry]:
 
 # ==================================================================================================
 # RECOMPUTE ENTRIES: the two elementwise passes of the exact recompute in the consumer's backward
-# (lowmembp_convert.ops.recompute_launch; METHOD.md section 7), against the same math in torch ops.
+# (lowmembp_convert.ops.recompute_launch; docs/method.md section 7), against the same math in torch ops.
 # Floors: rebuild p = act(a) reads a, writes p (2e); gated p = act(g) * u reads g, u, writes p (3e);
 # grads plain read dp, a, write da (3e); gated read dp, g, u, write dg, du (5e).
 # ==================================================================================================
@@ -264,7 +264,7 @@ def run(
     vs_torch (torch time / this time; > 1 is faster), target (text), ok (bool or None).
     """
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("bench/kernels.py needs a CUDA GPU (it times Triton kernels and DRAM bandwidth)")
+        raise RuntimeError("bench/kernel_bench.py needs a CUDA GPU (it times Triton kernels and DRAM bandwidth)")
     import lowmembp_convert.ops.activations  # noqa: F401  (registers the lowmembp:: custom ops)
 
     entries = entries if entries is not None else ACTIVATION_ENTRIES + _norm_entries() + _recompute_entries()
@@ -355,7 +355,7 @@ _AOT_KERNEL_ORDER = [
     "_rebuild_kernel",
     "_act_grads_kernel",
 ]
-# Floor per METHOD.md section 6, by element size. The affine (dweight / dbias) pass has none of its
+# Floor per docs/method.md section 6, by element size. The affine (dweight / dbias) pass has none of its
 # own: section 6's norm bwd figure (3e) is the whole backward, dx and the parameter gradients.
 _AOT_FLOOR: dict[str, Callable[[int], float] | None] = {
     "ms_norm_fwd_kernel": _read_write,
@@ -454,7 +454,7 @@ def _aot_environment(argv: list[str]) -> str:
         f"CUDA device: {'yes' if torch.cuda.is_available() else 'none'} (compiled, not run)\n"
         f"- triton {triton.__version__} and its bundled ptxas / cuobjdump (CUDA {release}), torch {torch.__version__}\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-        f"- command: `{' '.join(['python', 'bench/kernels.py', *argv])}`"
+        f"- command: `{' '.join(['python', 'bench/kernel_bench.py', *argv])}`"
     )
 
 
@@ -464,7 +464,7 @@ def main_aot(markdown: bool, jobs: int, argv: list[str]) -> int:
 
     missing = aot.toolchain_missing()
     if missing:
-        print(f"bench/kernels.py --aot: {missing}", file=sys.stderr)
+        print(f"bench/kernel_bench.py --aot: {missing}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     results = aot.compile_configs(aot.all_configs(), jobs=jobs)
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.aot:
         return main_aot(args.markdown, args.jobs, sys.argv[1:] if argv is None else list(argv))
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device; this benchmark only runs on a GPU.", file=sys.stderr)
+        print("bench/kernel_bench.py: no CUDA device; this benchmark only runs on a GPU.", file=sys.stderr)
         return 2
     rows = run([])
     print(f"device: {torch.cuda.get_device_name()}")
