@@ -15,6 +15,12 @@ the input x is never needed after the forward:
                 RMSNorm:   dx = rstd * (g - x_hat * mean(g * x_hat))
                 dw = sum_rows(dy * x_hat),  db = sum_rows(dy)
 
+Ill-conditioned channels (HAS_KEPT): where |w_eff_j| is tiny or |b_j| / |w_eff_j| large, recovering
+x_hat_j from a rounded y_j would amplify its rounding (or divide by zero). For those channels the
+forward also stores x_hat itself, in float32, into KEPT [M, K] at column SLOT[j] (SLOT[j] = -1 for
+every other channel), and the backward kernels read it there instead of recovering it. The launcher
+picks the channels from the current weights (``lowmembp_convert.ops.norms.ill_conditioned_channels``).
+
 All math is in float32 whatever the storage dtype. Row offsets are int64 (tensors past 2**31
 elements), every load and store is masked, and nothing here depends on a GPU (the kernels run under
 ``TRITON_INTERPRET=1``).
@@ -61,18 +67,34 @@ def _affine(
 
 
 @triton.jit
+def _store_kept(
+    x_hat,  # [BLOCK_N] fp32, the normalized values of one column block
+    SLOT,  # pointer to the slot map [N], int32: column of KEPT for channel j, or -1
+    KEPT_ROW,  # pointer to this row of KEPT [K], fp32
+    cols,  # [BLOCK_N] column indices of the block
+    mask,  # [BLOCK_N] cols < N
+):
+    # KEPT[row, SLOT[j]] = x_hat_j for the ill-conditioned channels j (SLOT[j] >= 0)
+    slot = tl.load(SLOT + cols, mask=mask, other=-1)
+    tl.store(KEPT_ROW + slot, x_hat, mask=mask & (slot >= 0))
+
+
+@triton.jit
 def _recover_x_hat(
     y,  # [BLOCK_N] fp32, the saved forward output of one column block
     dy,  # [BLOCK_N] fp32, its gradient
     W,  # pointer to the weight [N]
     B,  # pointer to the bias [N]
+    SLOT,  # pointer to the slot map [N], int32 (read only when HAS_KEPT)
+    KEPT_ROW,  # pointer to this row of KEPT [K], fp32 (read only when HAS_KEPT)
     cols,  # [BLOCK_N] column indices of the block
     mask,  # [BLOCK_N] cols < N
     weight_offset,  # w_eff = w + weight_offset
     HAS_WEIGHT: tl.constexpr,  # y carries the factor w_eff
     HAS_BIAS: tl.constexpr,  # y carries the shift b
+    HAS_KEPT: tl.constexpr,  # some channels' x_hat was stored by the forward: use it there
 ):
-    # x_hat = (y - b) / w_eff and g = dy * w_eff: the gradient reaching x_hat.
+    # x_hat = (y - b) / w_eff (or the stored x_hat) and g = dy * w_eff: the gradient reaching x_hat.
     x_hat = y
     g = dy
     if HAS_BIAS:
@@ -81,8 +103,13 @@ def _recover_x_hat(
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         w_eff = tl.where(mask, w + weight_offset, 1.0)  # masked lanes: 0 / 1, never 0 / 0
-        x_hat = x_hat / w_eff
         g = g * w_eff
+        w_eff = tl.where(w_eff == 0.0, 1.0, w_eff)  # a zero channel is a kept one: no 0 / 0 on the way
+        x_hat = x_hat / w_eff
+    if HAS_KEPT:
+        slot = tl.load(SLOT + cols, mask=mask, other=-1)
+        kept = tl.load(KEPT_ROW + slot, mask=mask & (slot >= 0), other=0.0)
+        x_hat = tl.where(slot >= 0, kept, x_hat)
     return x_hat, g
 
 
@@ -93,20 +120,25 @@ def ms_norm_fwd_kernel(
     W,  # pointer to the weight [N] (read only when HAS_WEIGHT)
     B,  # pointer to the bias [N] (read only when HAS_BIAS)
     RSTD,  # pointer to rstd [M], fp32 (saved for backward)
+    SLOT,  # pointer to the slot map [N], int32 (read only when HAS_KEPT)
+    KEPT,  # pointer to the kept x_hat [M, K], fp32 (written only when HAS_KEPT; saved for backward)
     stride_x_row,  # elements between consecutive rows of X
     stride_y_row,  # elements between consecutive rows of Y
+    stride_kept_row,  # elements between consecutive rows of KEPT (K)
     N,  # row length: the normalized size
     eps,  # added to the variance (LayerNorm) or mean square (RMSNorm) before the square root
     weight_offset,  # w_eff = w + weight_offset (1.0 for Gemma's (1 + w))
     RMS: tl.constexpr,  # True: RMSNorm (no centring), False: LayerNorm
     HAS_WEIGHT: tl.constexpr,  # apply the weight
     HAS_BIAS: tl.constexpr,  # apply the bias
+    HAS_KEPT: tl.constexpr,  # store x_hat of the ill-conditioned channels into KEPT
     BLOCK_N: tl.constexpr,  # columns per block, a power of two
     ONE_BLOCK: tl.constexpr,  # N <= BLOCK_N: the whole row fits in one block, one pass
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x_row
     Y += row * stride_y_row
+    KEPT += row * stride_kept_row
     cols = tl.arange(0, BLOCK_N)
     if ONE_BLOCK:
         mask = cols < N
@@ -124,6 +156,8 @@ def ms_norm_fwd_kernel(
             x_hat = x_centred * rstd
         y = _affine(x_hat, W, B, cols, mask, weight_offset, HAS_WEIGHT, HAS_BIAS)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        if HAS_KEPT:
+            _store_kept(x_hat, SLOT, KEPT, cols, mask)
     else:
         # Long row: per-lane partial sums over the column blocks, reduced across lanes at the end.
         mean = 0.0
@@ -149,6 +183,8 @@ def ms_norm_fwd_kernel(
             x_hat = (x - mean) * rstd
             y = _affine(x_hat, W, B, c, m, weight_offset, HAS_WEIGHT, HAS_BIAS)
             tl.store(Y + c, y.to(Y.dtype.element_ty), mask=m)
+            if HAS_KEPT:
+                _store_kept(x_hat, SLOT, KEPT, c, m)
     tl.store(RSTD + row, rstd)
 
 
@@ -160,14 +196,18 @@ def ms_norm_bwd_kernel(
     W,  # pointer to the weight [N] (read only when HAS_WEIGHT)
     B,  # pointer to the bias [N] (read only when HAS_BIAS)
     DX,  # pointer to the input gradient dx, [M, N] in the input dtype
+    SLOT,  # pointer to the slot map [N], int32 (read only when HAS_KEPT)
+    KEPT,  # pointer to the kept x_hat [M, K], fp32 (read only when HAS_KEPT)
     stride_dy_row,  # elements between consecutive rows of DY (0 for a broadcast gradient)
     stride_y_row,  # elements between consecutive rows of Y
     stride_dx_row,  # elements between consecutive rows of DX
+    stride_kept_row,  # elements between consecutive rows of KEPT (K)
     N,  # row length: the normalized size
     weight_offset,  # w_eff = w + weight_offset
     RMS: tl.constexpr,  # True: RMSNorm (no mean(g) term), False: LayerNorm
     HAS_WEIGHT: tl.constexpr,  # y = x_hat * w_eff (+ b): divide it out, scale dy by it
     HAS_BIAS: tl.constexpr,  # y = x_hat (* w_eff) + b: subtract it
+    HAS_KEPT: tl.constexpr,  # the ill-conditioned channels' x_hat is in KEPT
     BLOCK_N: tl.constexpr,  # columns per block, a power of two
     ONE_BLOCK: tl.constexpr,  # N <= BLOCK_N: the whole row fits in one block, one pass
 ):
@@ -175,13 +215,14 @@ def ms_norm_bwd_kernel(
     DY += row * stride_dy_row
     Y += row * stride_y_row
     DX += row * stride_dx_row
+    KEPT += row * stride_kept_row
     rstd = tl.load(RSTD + row)
     cols = tl.arange(0, BLOCK_N)
     if ONE_BLOCK:
         mask = cols < N
         y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-        x_hat, g = _recover_x_hat(y, dy, W, B, cols, mask, weight_offset, HAS_WEIGHT, HAS_BIAS)
+        x_hat, g = _recover_x_hat(y, dy, W, B, SLOT, KEPT, cols, mask, weight_offset, HAS_WEIGHT, HAS_BIAS, HAS_KEPT)
         # dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without mean(g) for RMSNorm
         mean_g_x_hat = tl.sum(g * x_hat, axis=0) / N
         dx = g - x_hat * mean_g_x_hat
@@ -197,7 +238,7 @@ def ms_norm_bwd_kernel(
             m = c < N
             y = tl.load(Y + c, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(DY + c, mask=m, other=0.0).to(tl.float32)
-            x_hat, g = _recover_x_hat(y, dy, W, B, c, m, weight_offset, HAS_WEIGHT, HAS_BIAS)
+            x_hat, g = _recover_x_hat(y, dy, W, B, SLOT, KEPT, c, m, weight_offset, HAS_WEIGHT, HAS_BIAS, HAS_KEPT)
             sum_g += g
             sum_g_x_hat += g * x_hat
         mean_g = tl.sum(sum_g, axis=0) / N
@@ -207,7 +248,7 @@ def ms_norm_bwd_kernel(
             m = c < N
             y = tl.load(Y + c, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(DY + c, mask=m, other=0.0).to(tl.float32)
-            x_hat, g = _recover_x_hat(y, dy, W, B, c, m, weight_offset, HAS_WEIGHT, HAS_BIAS)
+            x_hat, g = _recover_x_hat(y, dy, W, B, SLOT, KEPT, c, m, weight_offset, HAS_WEIGHT, HAS_BIAS, HAS_KEPT)
             dx = g - x_hat * mean_g_x_hat
             if not RMS:
                 dx -= mean_g
@@ -222,8 +263,11 @@ def ms_norm_bwd_affine_kernel(
     B,  # pointer to the bias [N] (read only when HAS_BIAS)
     DW_PARTIAL,  # pointer to fp32 [num_row_groups, N]: this program's partial sum of dy * x_hat
     DB_PARTIAL,  # pointer to fp32 [num_row_groups, N]: this program's partial sum of dy
+    SLOT,  # pointer to the slot map [N], int32 (read only when HAS_KEPT)
+    KEPT,  # pointer to the kept x_hat [M, K], fp32 (read only when HAS_KEPT)
     stride_dy_row,  # elements between consecutive rows of DY
     stride_y_row,  # elements between consecutive rows of Y
+    stride_kept_row,  # elements between consecutive rows of KEPT (K)
     M,  # number of rows
     N,  # row length: the normalized size
     rows_per_program,  # rows summed by one program, a multiple of BLOCK_M
@@ -232,6 +276,7 @@ def ms_norm_bwd_affine_kernel(
     HAS_BIAS: tl.constexpr,  # y carries the shift b
     COMPUTE_DW: tl.constexpr,  # accumulate dw = sum_rows(dy * x_hat) (reads y)
     COMPUTE_DB: tl.constexpr,  # accumulate db = sum_rows(dy)
+    HAS_KEPT: tl.constexpr,  # the ill-conditioned channels' x_hat is in KEPT (used for dw)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (and per program)
 ):
@@ -245,6 +290,10 @@ def ms_norm_bwd_affine_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         w_eff = tl.where(col_mask, w + weight_offset, 1.0)  # masked lanes: never 0 / 0
+        w_eff = tl.where(w_eff == 0.0, 1.0, w_eff)  # a zero channel is a kept one
+    slot = tl.full([BLOCK_N], -1, dtype=tl.int32)
+    if HAS_KEPT:
+        slot = tl.load(SLOT + cols, mask=col_mask, other=-1)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -260,6 +309,10 @@ def ms_norm_bwd_affine_kernel(
             y = tl.load(Y + rows[:, None] * stride_y_row + cols[None, :], mask=mask, other=0.0)
             # x_hat = (y - b) / w_eff;  dw += dy * x_hat (masked lanes have dy = 0)
             x_hat = (y.to(tl.float32) - b[None, :]) / w_eff[None, :]
+            if HAS_KEPT:
+                kept_mask = mask & (slot >= 0)[None, :]
+                kept = tl.load(KEPT + rows[:, None] * stride_kept_row + slot[None, :], mask=kept_mask, other=0.0)
+                x_hat = tl.where((slot >= 0)[None, :], kept, x_hat)
             dw_acc += dy * x_hat
         if COMPUTE_DB:
             db_acc += dy

@@ -58,7 +58,7 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
                          reason="graph capture failed, so its consumers are unknown; left unconverted")
             )  # fmt: skip
         if planning:
-            plan_activations_without_graph(plan, mode)
+            plan_activations_without_graph(plan)
         if adapters:
             plan.notes.append("PEFT adapter inputs left as they are: the graph that proves the rewrite is missing")
         return plan

@@ -48,6 +48,7 @@ DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")  # storage dtype of every ten
 NS: tuple[int, ...] = (64, 768, 4096, 8192, 16384, 65536)  # row length (norms) / element count (activations)
 # Rows of the [M, N] norm problems: only runtime arguments (M, rows_per_program) depend on it.
 NOMINAL_ROWS = 4096
+NOMINAL_KEPT = 3  # kept (ill-conditioned) channels of a norm, as the row stride of their buffer
 REGISTERS_PER_SM = 65536
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -180,6 +181,11 @@ def _affine_flag_sets() -> list[tuple[bool, bool, bool, bool]]:
     return sets
 
 
+def _kept_flags(has_affine: bool) -> tuple[bool, ...]:
+    """HAS_KEPT values reachable: kept channels exist only for a norm with a weight or a bias."""
+    return (False, True) if has_affine else (False,)
+
+
 def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
     import torch
 
@@ -189,13 +195,16 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
     s = norms.launch_settings(NOMINAL_ROWS, n, torch.device("cpu"))
     row_launch = (("BLOCK_N", s.block_n), ("ONE_BLOCK", s.one_block))
     configs = []
+    # the kept x_hat buffer [M, K]: K is a handful of channels, rarely a multiple of 16
+    kept_args = (_ptr("SLOT", "i32"), _ptr("KEPT", "fp32"))
     for rms, has_w, has_b in itertools.product((True, False), repeat=3):
-        flags = (("RMS", rms), ("HAS_WEIGHT", has_w), ("HAS_BIAS", has_b))
         fwd_sig = (
             *(_ptr(p, dtype) for p in ("X", "Y", "W", "B")),
             _ptr("RSTD", "fp32"),
+            *kept_args,
             _int_arg("stride_x_row", n),
             _int_arg("stride_y_row", n),
+            _int_arg("stride_kept_row", NOMINAL_KEPT),
             _int_arg("N", n),
             _fp32("eps"),
             _fp32("weight_offset"),
@@ -205,20 +214,26 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
             _ptr("Y", dtype),
             _ptr("RSTD", "fp32"),
             *(_ptr(p, dtype) for p in ("W", "B", "DX")),
+            *kept_args,
             _int_arg("stride_dy_row", n),
             _int_arg("stride_y_row", n),
             _int_arg("stride_dx_row", n),
+            _int_arg("stride_kept_row", NOMINAL_KEPT),
             _int_arg("N", n),
             _fp32("weight_offset"),
         )
-        for kernel, sig in (("ms_norm_fwd_kernel", fwd_sig), ("ms_norm_bwd_kernel", bwd_sig)):
-            configs.append(KernelConfig("norms", kernel, dtype, sig, flags, row_launch, s.num_warps))
+        for has_kept in _kept_flags(has_w or has_b):
+            flags = (("RMS", rms), ("HAS_WEIGHT", has_w), ("HAS_BIAS", has_b), ("HAS_KEPT", has_kept))
+            for kernel, sig in (("ms_norm_fwd_kernel", fwd_sig), ("ms_norm_bwd_kernel", bwd_sig)):
+                configs.append(KernelConfig("norms", kernel, dtype, sig, flags, row_launch, s.num_warps))
     affine_sig = (
         *(_ptr(p, dtype) for p in ("DY", "Y", "W", "B")),
         _ptr("DW_PARTIAL", "fp32"),
         _ptr("DB_PARTIAL", "fp32"),
+        *kept_args,
         _int_arg("stride_dy_row", n),
         _int_arg("stride_y_row", n),
+        _int_arg("stride_kept_row", NOMINAL_KEPT),
         _int_arg("M", NOMINAL_ROWS),
         _int_arg("N", n),
         _int_arg("rows_per_program", s.affine_rows_per_program),
@@ -226,12 +241,16 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
     )
     affine_launch = (("BLOCK_M", s.affine_block_m), ("BLOCK_N", s.affine_block_n))
     for has_w, has_b, dw, db in _affine_flag_sets():
-        flags = (("HAS_WEIGHT", has_w), ("HAS_BIAS", has_b), ("COMPUTE_DW", dw), ("COMPUTE_DB", db))
-        configs.append(
-            KernelConfig(
-                "norms", "ms_norm_bwd_affine_kernel", dtype, affine_sig, flags, affine_launch, s.affine_num_warps
+        for has_kept in _kept_flags(dw):  # the kept x_hat is read for dweight only
+            flags = (
+                ("HAS_WEIGHT", has_w), ("HAS_BIAS", has_b), ("COMPUTE_DW", dw), ("COMPUTE_DB", db),
+                ("HAS_KEPT", has_kept),
+            )  # fmt: skip
+            configs.append(
+                KernelConfig(
+                    "norms", "ms_norm_bwd_affine_kernel", dtype, affine_sig, flags, affine_launch, s.affine_num_warps
+                )
             )
-        )
     return configs
 
 

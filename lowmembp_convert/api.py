@@ -103,6 +103,8 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
             notes.append(f"loaded from a lowmembp-convert checkpoint ({record}); its norms are folded already")
         progress.stage("analysing (detect, trace on fake tensors, plan)")
         plan = plan_conversion(model, config)
+        if plan.capture.startswith("failed"):
+            _warn_capture_failed(model, plan)
         progress.stage("rewriting")
         snapshot.keep_values(_edited_tensors(model, plan))
         notes += apply_plan(model, plan, untie_embeddings=config.untie_embeddings, min_abs_weight=config.min_abs_weight)
@@ -159,6 +161,17 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _warn_capture_failed(model: nn.Module, plan: Plan) -> None:
+    """Loud, not silent: a failed capture leaves every graph-proven site stock (exact, nothing saved)."""
+    stock = [s.module for s in (*plan.norms, *plan.activations) if s.action == "skip"]
+    warnings.warn(
+        f"lowmembp_convert: could not capture the graph of {type(model).__name__} ({plan.capture}); "
+        f"{len(stock)} site(s) left stock (exact, no memory saved), e.g. {stock[0] if stock else '-'}. "
+        "Pass example_inputs=((args...), {kwargs...}) that the model's forward accepts.",
+        stacklevel=3,
+    )
 
 
 def _inputs_for_checks(model: nn.Module, config: ConvertConfig, meta: bool, notes: list[str]):

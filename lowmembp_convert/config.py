@@ -12,6 +12,7 @@ import torch.nn as nn
 
 FilterFn = Callable[[nn.Module, str], bool]
 ACTIVATION_MODES = ("auto", "approx", "recompute", True, False)
+NORM_MODES = ("share", "fold", True, False)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,12 @@ class ConvertConfig:
             in the consumer's backward, or the 2-bit approximation); ``"recompute"``: exact recompute
             where the graph proves it, stock elsewhere; ``"approx"``: the paper's ReGELU2/ReSiLU2
             (exact forward, approximate 2-bit backward) everywhere; ``False``: leave them.
-        norms: fold norm affines into consumers and swap in memory-sharing norms (exact).
+        norms: ``"share"`` (``True``, the default): memory-sharing norms that keep their own affine
+            and recover x_hat from the saved output in backward; parameters, state dict, outputs
+            and training trajectory stay the stock ones. ``"fold"``: the paper's form, the affine
+            folded into the consumer Linears (a reparameterization: the parameter values change, so
+            optimizers follow another trajectory and adapters trained on it do not fit the stock
+            base); the checkpoint CLI folds on disk. ``False``: leave norms alone.
         adapter_inputs: where PEFT LoRA adapters are wider than their layer's input (PEFT's fp32
             adapters on a bf16/fp16 model), lora_A keeps the narrow input for backward and upcasts
             inside, instead of keeping PEFT's upcast copy (exact: the same values).
@@ -37,17 +43,18 @@ class ConvertConfig:
             (float32 1e-5, float16 1e-2, bfloat16 5e-2).
         example_inputs: ``(args, kwargs)`` for graph capture; None builds them from the model's
             config (HF ``main_input_name``, timm ``pretrained_cfg['input_size']``).
-        untie_embeddings: allow folding into an output layer whose weight is tied to the input
-            embedding by giving that layer its own copy (reported). Otherwise such a norm keeps its
-            affine (``keep_affine``) and the embedding is never touched.
-        min_abs_weight: a ``keep_affine`` norm recovers x_hat = (y - b) / w in backward; a norm
-            with any |w| below this is skipped rather than risk an ill-conditioned division.
+        untie_embeddings: (``norms="fold"``) allow folding into an output layer whose weight is tied
+            to the input embedding by giving that layer its own copy (reported). Otherwise such a
+            norm keeps its affine (``keep_affine``) and the embedding is never touched.
+        min_abs_weight: a norm that keeps its affine recovers x_hat = (y - b) / w in backward; the
+            channels whose |w| is below this (or whose |b| exceeds 7 |w|) keep x_hat instead, in
+            float32, chosen in every forward from the current weights. Nothing is skipped or raised.
         measure_memory: measure bytes saved for backward before and after (one extra
             forward+backward of each on a random batch) and put them in the report.
     """
 
     activations: bool | str = True
-    norms: bool = True
+    norms: bool | str = True
     adapter_inputs: bool = True
     filter_fn: FilterFn | None = None
     verify: bool = True
@@ -100,7 +107,12 @@ def validate(config: ConvertConfig) -> None:
             f"ConvertConfig.activations must be one of {ACTIVATION_MODES} (True means 'auto'), "
             f"got {config.activations!r}"
         )
-    for name in ("norms", "adapter_inputs", "verify", "untie_embeddings", "measure_memory"):
+    if config.norms not in NORM_MODES or not isinstance(config.norms, (bool, str)):
+        raise ValueError(
+            f"ConvertConfig.norms must be one of {NORM_MODES} (True means 'share': keep the stock parameters; "
+            f"'fold' reparameterizes), got {config.norms!r}"
+        )
+    for name in ("adapter_inputs", "verify", "untie_embeddings", "measure_memory"):
         _bool(name, getattr(config, name))
     if config.filter_fn is not None and not callable(config.filter_fn):
         raise TypeError(f"ConvertConfig.filter_fn must be a callable (module, fqn) -> bool, got {config.filter_fn!r}")
@@ -121,3 +133,10 @@ def resolve_config(config: ConvertConfig | None, overrides: dict[str, Any]) -> C
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; see lowmembp_convert.ConvertConfig")
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def norm_mode(config: ConvertConfig) -> str | None:
+    """ "share", "fold", or None (norms left alone). ``True`` means "share"."""
+    if config.norms is False:
+        return None
+    return "share" if config.norms is True else config.norms

@@ -165,6 +165,15 @@ class Report:
             f"  norms: {actions['fold']} folded, {actions['keep_affine']} memory-sharing with own affine, "
             f"{actions['skip']} skipped"
         )
+        approx = [s.module for s in plan.activations if s.action == "convert" and s.option == "approx"]
+        folded = actions["fold"] - sum(s.already_folded for s in plan.norms if s.action == "fold")
+        lines.append(
+            "  gradients: "
+            + (f"APPROXIMATE (2-bit, activations='approx') at {len(approx)} site(s), e.g. {approx[0]}" if approx
+               else "exact (the stock ones up to rounding)")
+            + (f"; parameters: {folded} norm affine(s) folded into consumers (norms='fold' reparameterizes)" if folded
+               else "; parameters: the stock ones")
+        )  # fmt: skip
         if plan.adapters:
             lines.append(
                 f"  PEFT adapter inputs: {self.converted_adapters} layer(s) hand lora_A the narrow input, which it "

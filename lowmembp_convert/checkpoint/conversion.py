@@ -37,7 +37,7 @@ from .atomic import (
     interrupt_guard,
     remove_tree,
 )
-from .edits import EditPlan, apply_weight_guard, edits_from_plan
+from .edits import EditPlan, edits_from_plan
 from .errors import CheckpointError
 from .formats import CONFIG_FILE, CheckpointLayout, detect_checkpoint, weight_format_of
 from .load import MetaModel, build_meta_model, check_shapes, describe_model, match_keys, tied_groups
@@ -54,7 +54,6 @@ from .verify import verify_outputs
 
 Planner = Callable[..., Plan]
 Log = Callable[[str], None]
-DEFAULT_MIN_ABS_WEIGHT = 1e-3  # ConvertConfig's default, if this build's config lacks the field
 
 
 def _default_planner(model, config: ConvertConfig) -> Plan:
@@ -321,7 +320,9 @@ def _convert(
     meta = build_meta_model(layout, arch, model_kwargs, set(store.keys()))
     keymap = match_keys(meta.model, set(store.keys()), layout.path, meta.library)
     check_shapes(meta, keymap, {k: e.shape for k, e in store.entries.items()}, layout.path, layout.kind)
-    config = ConvertConfig(activations=False, adapter_inputs=False, untie_embeddings=untie_embeddings)
+    # On disk the affine is folded (the paper's form): the checkpoint loads into the stock class with
+    # identity norms, which a later convert() shares as they are.
+    config = ConvertConfig(activations=False, norms="fold", adapter_inputs=False, untie_embeddings=untie_embeddings)
     with deferred_interrupts():  # a KeyboardInterrupt inside fake-tensor tracing can abort the process
         plan = planner(meta.model, config)
     if plan.capture.startswith("failed"):
@@ -330,7 +331,6 @@ def _convert(
             f"the model's graph could not be traced on the meta device, so no norm can be planned ({plan.capture})",
             "load the model and use lowmembp_convert.convert(model, example_inputs=...), then save it",
         )
-    apply_weight_guard(plan, keymap, store, getattr(config, "min_abs_weight", DEFAULT_MIN_ABS_WEIGHT))
     edits = edits_from_plan(plan, keymap, store, tied_groups(meta.model), untie_embeddings)
     record = conversion_record(
         meta.arch, edits.folded + edits.already_folded, edits.untied, _previous_record(layout, store)

@@ -22,7 +22,7 @@ import torch
 
 from ..plan import ConsumerLayout, NormSite, Plan
 from ..rewrites.folding import fold_affine_into
-from ..rewrites.norms import is_identity_affine, weight_guard
+from ..rewrites.norms import is_identity_affine
 from .errors import CheckpointError
 from .load import KeyMap
 from .store import FOLDABLE_DTYPES, TensorStore
@@ -213,30 +213,6 @@ def _is_identity(site: NormSite, keymap: KeyMap, store: TensorStore) -> bool:
     weight = store.get(_key(keymap, store, site.weight, "norm weight")) if site.weight else None
     bias = store.get(_key(keymap, store, site.bias, "norm bias")) if site.bias else None
     return is_identity_affine(weight, bias, site.weight_offset)
-
-
-def apply_weight_guard(plan: Plan, keymap: KeyMap, store: TensorStore, min_abs_weight: float) -> list[str]:
-    """Decide the norms that keep their affine as ``convert()`` will on the checkpoint's real weights.
-
-    The plan is made on a meta-device skeleton, so the analysis could not see a norm whose weight
-    makes keeping the affine inexact (:func:`weight_guard`); ``convert()`` leaves such a norm
-    unconverted. The (small) norm vectors are read here and those sites become ``skip`` with the
-    analysis' reason. Returns the modules changed.
-    """
-    changed = []
-    for site in plan.norms:
-        if site.action != "keep_affine" or not site.weight:
-            continue
-        keys = [keymap(site.weight), keymap(site.bias) if site.bias else None]
-        if any(k is not None and (k not in store or store.entries[k].dtype not in FOLDABLE_DTYPES) for k in keys):
-            continue
-        weight = store.get(keys[0])
-        bias = store.get(keys[1]) if keys[1] is not None else None
-        reason = weight_guard(weight, bias, site.weight_offset, min_abs_weight)
-        if reason:
-            site.action, site.autocast_output, site.reason = "skip", False, reason
-            changed.append(site.module)
-    return changed
 
 
 def _claim(result: EditPlan, key: str, edit: TensorEdit, site: NormSite, store: TensorStore) -> None:

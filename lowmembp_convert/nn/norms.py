@@ -59,9 +59,9 @@ class _MSNorm(nn.Module):
         autocast_twin: post-norm under autocast (the output stays in the input dtype for the
             residual): also make the output's autocast-dtype twin and save it instead of the output,
             for the consumer ``TwinLinear``s to read (see ``ops/norm_twin.py``).
-        min_abs_weight: with a kept weight, backward divides by ``weight + weight_offset``; a
-            training step in which any |weight + weight_offset| is below this raises (on a GPU as a
-            device-side assert) instead of returning gradients divided by nearly zero.
+        min_abs_weight: with a kept affine, channels whose |weight + weight_offset| is below this
+            (or whose bias is large against it) keep their x_hat for backward instead of recovering
+            it from y; chosen in every forward from the current weights, so nothing ever raises.
         """
         super().__init__()
         self.normalized_size = int(normalized_size)
@@ -125,18 +125,6 @@ class _MSNorm(nn.Module):
     def _eps_for(self, x: torch.Tensor) -> float:
         return torch.finfo(x.dtype).eps if self.eps is None else self.eps
 
-    def _guard_weight(self) -> None:
-        """Backward divides by the kept weight: refuse a step once training has taken it near 0."""
-        weight = self.weight if self.affine_weight else None
-        if weight is None or not self.min_abs_weight or not (weight.requires_grad and torch.is_grad_enabled()):
-            return
-        smallest = (weight.detach() + self.weight_offset).abs().min()
-        torch._assert_async(
-            smallest >= self.min_abs_weight,
-            "lowmembp_convert: a memory-sharing norm that keeps its affine has a weight entry below min_abs_weight; "
-            "its backward would divide by it. Convert with a filter_fn excluding this norm.",
-        )
-
     def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function in plain torch ops (for torch.func transforms, which the custom ops lack)."""
         x_last = x.movedim(self.channel_dim, -1)
@@ -153,10 +141,8 @@ class _MSNorm(nn.Module):
         return y.movedim(-1, self.channel_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            if torch._C._are_functorch_transforms_active():
-                return self._stock_forward(x)
-            self._guard_weight()
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            return self._stock_forward(x)
         moved = self.channel_dim not in (-1, x.dim() - 1)
         if moved:
             x = x.movedim(self.channel_dim, -1)
@@ -167,8 +153,8 @@ class _MSNorm(nn.Module):
             # Eager: the twin is saved by the op's autograd node, where the consumer TwinLinears find
             # it. Compiled: the saved twin is a graph cast of y, merged (CSE) with the consumers' casts.
             twin_output = not torch.compiler.is_compiling()
-            y, _twin, _rstd = ms_norm_twin_fwd(
-                x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output
+            y, *_ = ms_norm_twin_fwd(
+                x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output, self.min_abs_weight
             )
             return y
         out_dtype = None
@@ -182,6 +168,7 @@ class _MSNorm(nn.Module):
             eps=self._eps_for(x),
             weight_offset=self.weight_offset,
             out_dtype=out_dtype,
+            keep_below=self.min_abs_weight,
         )
         # A view of the normalized (saved) storage, so a consumer that saves it shares it.
         return y.movedim(-1, self.channel_dim) if moved else y

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norms import _stats_dtype, grads_from_output, ms_norm_fwd, refuse_double_backward
+from .norms import DEFAULT_KEEP_BELOW, _stats_dtype, grads_from_output, ms_norm_fwd, refuse_double_backward
 
 __all__ = ["autocast_twin_of", "linear_on_twin", "linear_on_twin_bwd", "ms_norm_twin_fwd", "ms_norm_with_twin"]
 
@@ -62,7 +62,8 @@ def ms_norm_twin_fwd(
     rms: bool,
     low_dtype: torch.dtype,
     twin_output: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    keep_below: float = DEFAULT_KEEP_BELOW,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Memory-sharing norm over the last dim that also returns y's low-precision twin.
 
     Args:
@@ -72,48 +73,54 @@ def ms_norm_twin_fwd(
             False (torch.compile): return an empty ``[0]`` twin and save ``y.to(low_dtype)`` made
             outside the op, a graph node the consumer Linears' own casts of y merge with (CSE).
 
-    Returns (y, twin, rstd): y in ``x.dtype``, contiguous and not a view (consumers find the twin
-    through ``view._base``); twin in ``low_dtype``; rstd as for ``ms_norm_fwd``.
-    Saved for backward: the twin, rstd, weight and bias; not y.
+    Returns (y, twin, rstd, kept_channels, kept_x_hat): y in ``x.dtype``, contiguous and not a view
+    (consumers find the twin through ``view._base``); twin in ``low_dtype``; the rest as for
+    ``ms_norm_fwd`` (``keep_below`` too).
+    Saved for backward: the twin, rstd, the kept channels' x_hat, weight and bias; not y.
     """
     if low_dtype == x.dtype:
         raise ValueError(f"ms_norm_twin_fwd: low_dtype must differ from x.dtype ({x.dtype}); use ms_norm_fwd")
-    y, rstd = ms_norm_fwd(x, weight, bias, eps, weight_offset, rms, None)
+    y, rstd, kept_channels, kept_x_hat = ms_norm_fwd(x, weight, bias, eps, weight_offset, rms, None, keep_below)
     # ms_norm_fwd returns a view of its row-major buffer; this output must be a base of its own
     y = torch.ops.aten._unsafe_view.default(y, x.shape)
     twin = y.to(low_dtype) if twin_output else x.new_empty((0,), dtype=low_dtype)
-    return y, twin, rstd
+    return y, twin, rstd, kept_channels, kept_x_hat
 
 
 @ms_norm_twin_fwd.register_fake
-def _(x, weight, bias, eps, weight_offset, rms, low_dtype, twin_output):
+def _(x, weight, bias, eps, weight_offset, rms, low_dtype, twin_output, keep_below=DEFAULT_KEEP_BELOW):
     y = x.new_empty(x.shape)
     twin = x.new_empty(x.shape if twin_output else (0,), dtype=low_dtype)
-    return y, twin, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+    k = torch.library.get_ctx().new_dynamic_size() if (weight is not None or bias is not None) else 0
+    stats = _stats_dtype(x.dtype)
+    kept_channels, kept_x_hat = x.new_empty((k,), dtype=torch.int64), x.new_empty((*x.shape[:-1], k), dtype=stats)
+    return y, twin, x.new_empty(x.shape[:-1], dtype=stats), kept_channels, kept_x_hat
 
 
 def _twin_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, weight_offset, rms, low_dtype, twin_output = inputs
-    y, twin, rstd = output
-    # Saved: the twin (shared with the consumer Linears), rstd and the parameters. Not y.
-    # Under compile the cast made here is a forward graph node, the same (after CSE) as the consumers'.
-    ctx.save_for_backward(twin if twin_output else y.to(low_dtype), rstd, weight, bias)
+    x, weight, bias, _eps, weight_offset, rms, low_dtype, twin_output, _keep_below = inputs
+    y, twin, rstd, kept_channels, kept_x_hat = output
+    # Saved: the twin (shared with the consumer Linears), rstd, the kept channels' x_hat and the
+    # parameters. Not y. Under compile the cast made here is a forward graph node, the same (after
+    # CSE) as the consumers'.
+    twin = twin if twin_output else y.to(low_dtype)
+    ctx.save_for_backward(twin, rstd, kept_channels, kept_x_hat, weight, bias)
     ctx.weight_offset, ctx.rms, ctx.x_dtype, ctx.twin_output = weight_offset, rms, x.dtype, twin_output
-    ctx.mark_non_differentiable(rstd)
+    ctx.mark_non_differentiable(rstd, kept_channels, kept_x_hat)
     ctx.set_materialize_grads(False)
     if twin_output:
         setattr(ctx, _TWIN_VERSION, y._version)
 
 
-def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, _drstd: Tensor | None):
+def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, *_non_differentiable: Tensor | None):
     grads = [g for g in (dy, dtwin if ctx.twin_output else None) if g is not None]
     if not grads:
-        return (None,) * 8
+        return (None,) * 9
     refuse_double_backward(grads[0])
-    twin, rstd, weight, bias = ctx.saved_tensors
+    twin, rstd, kept_channels, kept_x_hat, weight, bias = ctx.saved_tensors
     g = grads[0].float() if len(grads) == 1 else grads[0].float() + grads[1].float()
-    dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, weight, bias)
-    return dx, dweight, dbias, None, None, None, None, None
+    dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, kept_channels, kept_x_hat, weight, bias)
+    return dx, dweight, dbias, None, None, None, None, None, None
 
 
 ms_norm_twin_fwd.register_autograd(_twin_backward, setup_context=_twin_setup_context)
@@ -133,7 +140,7 @@ def ms_norm_with_twin(
     Saved for backward: the twin ``y.to(low_dtype)`` and rstd (plus weight/bias), not y. Backward
     rebuilds x_hat from the twin, so gradients carry the twin's precision (that of autocast).
     """
-    y, twin, _rstd = ms_norm_twin_fwd(x, weight, bias, float(eps), float(weight_offset), bool(rms), low_dtype, True)
+    y, twin, *_ = ms_norm_twin_fwd(x, weight, bias, float(eps), float(weight_offset), bool(rms), low_dtype, True)
     return y, twin
 
 

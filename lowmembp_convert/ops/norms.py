@@ -3,7 +3,10 @@
 A stock norm saves its input x for backward while the Linear after it saves the norm's output y:
 two tensors of the same size. These norms save y itself (the very tensor they return, so the
 consumer's saved input is the same storage) plus rstd, one float per row, and rebuild
-x_hat = (y - b) / (w + weight_offset) in backward. Nothing else is saved: no x, no mean, no x_hat.
+x_hat = (y - b) / (w + weight_offset) in backward. Nothing else is saved: no x, no mean, and no
+x_hat but for the few ill-conditioned channels of a kept affine (:func:`ill_conditioned_channels`:
+|w + offset| tiny, or |b| large against it), whose x_hat the forward keeps in float32, chosen in
+every forward from the current weights, so a weight that training drives through zero stays exact.
 
 Three tiers:
 - ``kernels/norms.py`` (installed as ``lowmembp_convert.kernels.norms``): the ``@triton.jit`` code.
@@ -61,6 +64,48 @@ def _as_rows(t: Tensor, n: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Triton launchers
 # --------------------------------------------------------------------------------------------------
+
+# Recovering x_hat_j = (y_j - b_j) / w_j from a rounded y_j costs it about (1 + |b_j| / |w_j|) times
+# the rounding of a normalized output: a channel past this factor keeps x_hat (3 bits lost at most).
+MAX_RECOVERY_AMPLIFICATION = 8.0
+# Channels whose |w + offset| is below this keep x_hat (the default of ConvertConfig.min_abs_weight).
+DEFAULT_KEEP_BELOW = 1e-3
+
+
+def ill_conditioned_channels(
+    weight: Tensor | None, bias: Tensor | None, weight_offset: float, keep_below: float
+) -> Tensor:
+    """Indices (int64 [K], ascending) of the channels whose x_hat the forward keeps.
+
+    Channel j is kept when |w_j + offset| < ``keep_below`` or is 0 (a vanishing scale: y_j carries
+    nothing of x_hat_j) or |b_j| > (MAX_RECOVERY_AMPLIFICATION - 1) * |w_j + offset| (the shift
+    swamps the signal in y_j's rounding). Without a weight the scale is 1. Computed on the device from
+    the current values; reading K back is one host sync per call, only for norms with an affine.
+    """
+    ref = weight if weight is not None else bias
+    if ref is None:
+        return torch.empty((0,), dtype=torch.int64)
+    acc = _compute_dtype(ref.dtype)
+    scale = (weight.detach().to(acc) + weight_offset).abs() if weight is not None else None
+    # a zero scale always keeps x_hat (y_j carries nothing of it), whatever keep_below says
+    bad = (scale < keep_below) | (scale == 0) if scale is not None else torch.zeros_like(ref, dtype=torch.bool)
+    if bias is not None:
+        limit = (MAX_RECOVERY_AMPLIFICATION - 1) * (scale if scale is not None else 1.0)
+        bad |= bias.detach().to(acc).abs() > limit
+    if scale is not None:
+        bad |= ~torch.isfinite(scale)
+    return bad.nonzero().squeeze(1)
+
+
+def _slot_map(kept_channels: Tensor, n: int, device: torch.device) -> Tensor:
+    """int32 [N]: the column of the kept buffer holding channel j, or -1 (what the kernels read);
+    an empty one (never read) when no channel is kept."""
+    if not kept_channels.numel():
+        return torch.empty((0,), dtype=torch.int32, device=device)
+    slot = torch.full((n,), -1, dtype=torch.int32, device=device)
+    slot[kept_channels.to(device)] = torch.arange(kept_channels.numel(), dtype=torch.int32, device=device)
+    return slot
+
 
 # Longest row normalized in one pass with the row in registers; longer rows loop over blocks of
 # this size. Module-level so tests can lower it and reach the loop path with small shapes.
@@ -144,11 +189,17 @@ def triton_fwd(
     weight_offset: float,
     rms: bool,
     out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel on [M, N] rows (unit column stride). Returns (y [M, N], rstd [M])."""
+    kept_channels: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel on [M, N] rows (unit column stride).
+
+    Returns (y [M, N], rstd [M], kept_x_hat [M, K] fp32: x_hat of the ``kept_channels``)."""
     rows, n = x2d.shape
+    k = kept_channels.numel()
     y = torch.empty((rows, n), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x2d.device)
+    kept = torch.empty((rows, k), dtype=torch.float32, device=x2d.device)
+    slot = _slot_map(kept_channels, n, x2d.device)
     s = launch_settings(rows, n, x2d.device)
     with _device_guard(x2d):
         _kernels().ms_norm_fwd_kernel[(rows,)](
@@ -157,19 +208,23 @@ def triton_fwd(
             weight if weight is not None else x2d,  # never read without HAS_WEIGHT
             bias if bias is not None else x2d,
             rstd,
+            slot,
+            kept,  # [M, 0] and never written without HAS_KEPT
             x2d.stride(0),
             y.stride(0),
+            k,
             n,
             eps,
             weight_offset,
             RMS=rms,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
+            HAS_KEPT=k > 0,
             BLOCK_N=s.block_n,
             ONE_BLOCK=s.one_block,
             num_warps=s.num_warps,
         )
-    return y, rstd
+    return y, rstd, kept
 
 
 def triton_bwd(
@@ -181,10 +236,14 @@ def triton_bwd(
     weight_offset: float,
     rms: bool,
     dx_dtype: torch.dtype,
+    kept_channels: Tensor,
+    kept2d: Tensor,
 ) -> Tensor:
     """Launch the backward (dx) kernel on [M, N] rows. Returns dx [M, N] in ``dx_dtype``."""
     rows, n = y2d.shape
+    k = kept_channels.numel()
     dx = torch.empty((rows, n), dtype=dx_dtype, device=y2d.device)
+    slot = _slot_map(kept_channels, n, y2d.device)
     s = launch_settings(rows, n, y2d.device)
     with _device_guard(y2d):
         _kernels().ms_norm_bwd_kernel[(rows,)](
@@ -194,14 +253,18 @@ def triton_bwd(
             weight if weight is not None else y2d,  # never read without HAS_WEIGHT
             bias if bias is not None else y2d,
             dx,
+            slot,
+            kept2d,  # never read without HAS_KEPT
             dy2d.stride(0),
             y2d.stride(0),
             dx.stride(0),
+            k,
             n,
             weight_offset,
             RMS=rms,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
+            HAS_KEPT=k > 0,
             BLOCK_N=s.block_n,
             ONE_BLOCK=s.one_block,
             num_warps=s.num_warps,
@@ -217,9 +280,12 @@ def triton_bwd_affine(
     weight_offset: float,
     need_dweight: bool,
     need_dbias: bool,
+    kept_channels: Tensor,
+    kept2d: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Launch the column reduction; returns fp32 (dweight, dbias), each [N] when asked, else [0]."""
     rows, n = y2d.shape
+    k = kept_channels.numel() if need_dweight else 0  # dbias needs no x_hat
     s = launch_settings(rows, n, y2d.device)
     shape = (s.affine_row_groups, n)
     dw_partial = torch.empty(shape if need_dweight else (0,), dtype=torch.float32, device=y2d.device)
@@ -233,8 +299,11 @@ def triton_bwd_affine(
             bias if bias is not None else y2d,
             dw_partial if need_dweight else db_partial,  # never written without COMPUTE_DW
             db_partial if need_dbias else dw_partial,
+            _slot_map(kept_channels, n, y2d.device),
+            kept2d,  # never read without HAS_KEPT
             dy2d.stride(0),
             y2d.stride(0),
+            k,
             rows,
             n,
             s.affine_rows_per_program,
@@ -243,6 +312,7 @@ def triton_bwd_affine(
             HAS_BIAS=bias is not None,
             COMPUTE_DW=need_dweight,
             COMPUTE_DB=need_dbias,
+            HAS_KEPT=k > 0,
             BLOCK_M=s.affine_block_m,
             BLOCK_N=s.affine_block_n,
             num_warps=s.affine_num_warps,
@@ -266,8 +336,11 @@ def reference_fwd(
     weight_offset: float,
     rms: bool,
     out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """Torch forward on [M, N] rows, math in float32 (float64 for float64). Returns (y, rstd [M])."""
+    kept_channels: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Torch forward on [M, N] rows, math in float32 (float64 for float64).
+
+    Returns (y, rstd [M], kept_x_hat [M, K]: x_hat of the ``kept_channels``)."""
     acc = _compute_dtype(x2d.dtype)
     x = x2d.to(acc)
     if rms:
@@ -282,13 +355,20 @@ def reference_fwd(
         y = y * (weight.to(acc) + weight_offset)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(out_dtype).contiguous(), rstd.squeeze(-1)
+    kept = x_hat.index_select(1, kept_channels.to(x_hat.device))
+    return y.to(out_dtype).contiguous(), rstd.squeeze(-1), kept.to(_stats_dtype(x2d.dtype))
 
 
 def _reference_recover(
-    y2d: Tensor, dy2d: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float
+    y2d: Tensor,
+    dy2d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_offset: float,
+    kept_channels: Tensor,
+    kept2d: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """x_hat = (y - b) / w_eff and g = dy * w_eff, in the compute dtype."""
+    """x_hat = (y - b) / w_eff (the kept x_hat on the kept channels) and g = dy * w_eff, in the compute dtype."""
     acc = _compute_dtype(y2d.dtype, dy2d.dtype)
     x_hat = y2d.to(acc)
     g = dy2d.to(acc)
@@ -296,8 +376,10 @@ def _reference_recover(
         x_hat = x_hat - bias.to(acc)
     if weight is not None:
         w_eff = weight.to(acc) + weight_offset
-        x_hat = x_hat / w_eff
         g = g * w_eff
+        x_hat = x_hat / torch.where(w_eff == 0, 1.0, w_eff)  # a zero channel is a kept one
+    if kept_channels.numel():
+        x_hat = x_hat.index_copy(1, kept_channels.to(x_hat.device), kept2d.to(acc))
     return x_hat, g
 
 
@@ -310,9 +392,11 @@ def reference_bwd(
     weight_offset: float,
     rms: bool,
     dx_dtype: torch.dtype,
+    kept_channels: Tensor,
+    kept2d: Tensor,
 ) -> Tensor:
-    """Torch backward (dx) on [M, N] rows from y and rstd only."""
-    x_hat, g = _reference_recover(y2d, dy2d, weight, bias, weight_offset)
+    """Torch backward (dx) on [M, N] rows from y and rstd (and the kept channels' x_hat) only."""
+    x_hat, g = _reference_recover(y2d, dy2d, weight, bias, weight_offset, kept_channels, kept2d)
     # dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without mean(g) for RMSNorm
     dx = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
     if not rms:
@@ -328,13 +412,15 @@ def reference_bwd_affine(
     weight_offset: float,
     need_dweight: bool,
     need_dbias: bool,
+    kept_channels: Tensor,
+    kept2d: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Torch dweight = sum_rows(dy * x_hat), dbias = sum_rows(dy); [0]-sized when not asked."""
     acc = _compute_dtype(y2d.dtype, dy2d.dtype)
     empty = dy2d.new_empty((0,), dtype=acc)
     dweight = dbias = empty
     if need_dweight:
-        x_hat, _ = _reference_recover(y2d, dy2d, weight, bias, weight_offset)
+        x_hat, _ = _reference_recover(y2d, dy2d, weight, bias, weight_offset, kept_channels, kept2d)
         dweight = (dy2d.to(acc) * x_hat).sum(0)
     if need_dbias:
         dbias = dy2d.to(acc).sum(0)
@@ -363,8 +449,9 @@ def ms_norm_fwd(
     weight_offset: float,
     rms: bool,
     out_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor]:
-    """Memory-sharing norm forward over the last dim. Returns (y, rstd).
+    keep_below: float = DEFAULT_KEEP_BELOW,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Memory-sharing norm forward over the last dim. Returns (y, rstd, kept_channels, kept_x_hat).
 
     Args:
         x: input [..., N], any strides, float16 / bfloat16 / float32 (float64: reference only).
@@ -374,27 +461,39 @@ def ms_norm_fwd(
         weight_offset: 1.0 for Gemma-style ``(1 + w)`` norms, else 0.0.
         rms: True for RMSNorm, False for LayerNorm.
         out_dtype: dtype of y (autocast); None keeps ``x.dtype``.
+        keep_below: channels with |weight + weight_offset| below this (or a shift large against
+            the scale) keep their x_hat for backward (:func:`ill_conditioned_channels`).
 
-    Returns y (contiguous, shape of x) and rstd (x.shape[:-1], float32; float64 for float64 x).
-    Both are what backward saves: y is the very tensor returned to the caller.
+    Returns y (contiguous, shape of x), rstd (x.shape[:-1], float32; float64 for float64 x),
+    kept_channels (int64 [K]) and kept_x_hat (x.shape[:-1] + (K,), rstd's dtype): x_hat of the
+    ill-conditioned channels, usually K = 0. All of it is what backward saves: y is the very tensor
+    returned to the caller.
     """
     n = x.shape[-1]
     out_dtype = out_dtype or x.dtype
+    stats = _stats_dtype(x.dtype)
+    kept_channels = ill_conditioned_channels(weight, bias, weight_offset, keep_below).to(x.device)
+    k = kept_channels.numel()
     if x.numel() == 0:
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        return y, torch.zeros(x.shape[:-1], dtype=_stats_dtype(x.dtype), device=x.device)
+        kept = torch.zeros((*x.shape[:-1], k), dtype=stats, device=x.device)
+        return y, torch.zeros(x.shape[:-1], dtype=stats, device=x.device), kept_channels, kept
     x2d = _as_rows(x, n)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     impl = triton_fwd if _takes_triton(x) else reference_fwd
-    y2d, rstd = impl(x2d, weight, bias, eps, weight_offset, rms, out_dtype)
-    return y2d.view(x.shape), rstd.view(x.shape[:-1])
+    y2d, rstd, kept = impl(x2d, weight, bias, eps, weight_offset, rms, out_dtype, kept_channels)
+    return y2d.view(x.shape), rstd.view(x.shape[:-1]), kept_channels, kept.view(*x.shape[:-1], k)
 
 
 @ms_norm_fwd.register_fake
-def _(x, weight, bias, eps, weight_offset, rms, out_dtype):
+def _(x, weight, bias, eps, weight_offset, rms, out_dtype, keep_below=DEFAULT_KEEP_BELOW):
     y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
-    return y, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+    # how many channels keep x_hat depends on the weights' values: a size known only at run time
+    k = torch.library.get_ctx().new_dynamic_size() if (weight is not None or bias is not None) else 0
+    stats = _stats_dtype(x.dtype)
+    kept_channels = x.new_empty((k,), dtype=torch.int64)
+    return y, x.new_empty(x.shape[:-1], dtype=stats), kept_channels, x.new_empty((*x.shape[:-1], k), dtype=stats)
 
 
 @torch.library.custom_op("lowmembp::ms_norm_bwd", mutates_args=())
@@ -407,12 +506,14 @@ def ms_norm_bwd(
     weight_offset: float,
     rms: bool,
     dx_dtype: torch.dtype,
+    kept_channels: Tensor,
+    kept_x_hat: Tensor,
 ) -> Tensor:
     """Memory-sharing norm backward: dx from dy, the saved y and rstd (and the parameters).
 
     Args:
         dy: gradient of y, [..., N], any strides.
-        y, rstd: what :func:`ms_norm_fwd` returned.
+        y, rstd, kept_channels, kept_x_hat: what :func:`ms_norm_fwd` returned.
         weight, bias, weight_offset, rms: as given to the forward.
         dx_dtype: dtype of dx (the forward input's dtype).
     """
@@ -420,15 +521,16 @@ def ms_norm_bwd(
     if y.numel() == 0:
         return torch.zeros(y.shape, dtype=dx_dtype, device=y.device)
     dy2d, y2d = _as_rows(dy, n), _as_rows(y, n)
+    kept2d = _as_rows(kept_x_hat, kept_channels.numel())
     rstd = rstd.reshape(-1).contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     impl = triton_bwd if _takes_triton(y) else reference_bwd
-    return impl(dy2d, y2d, rstd, weight, bias, weight_offset, rms, dx_dtype).view(y.shape)
+    return impl(dy2d, y2d, rstd, weight, bias, weight_offset, rms, dx_dtype, kept_channels, kept2d).view(y.shape)
 
 
 @ms_norm_bwd.register_fake
-def _(dy, y, rstd, weight, bias, weight_offset, rms, dx_dtype):
+def _(dy, y, rstd, weight, bias, weight_offset, rms, dx_dtype, kept_channels, kept_x_hat):
     return y.new_empty(y.shape, dtype=dx_dtype)
 
 
@@ -441,12 +543,14 @@ def ms_norm_bwd_affine(
     weight_offset: float,
     need_dweight: bool,
     need_dbias: bool,
+    kept_channels: Tensor,
+    kept_x_hat: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Parameter gradients: dweight = sum_rows(dy * x_hat), dbias = sum_rows(dy).
 
     Args:
         dy: gradient of y, [..., N].
-        y: the saved forward output.
+        y, kept_channels, kept_x_hat: the saved forward output and kept channels.
         weight, bias, weight_offset: as given to the forward.
         need_dweight, need_dbias: which to compute; the other comes back with shape [0].
 
@@ -464,10 +568,13 @@ def ms_norm_bwd_affine(
         dbias = torch.zeros((n,), dtype=bias.dtype, device=y.device) if need_dbias else dbias
         return dweight, dbias
     dy2d, y2d = _as_rows(dy, n), _as_rows(y, n)
+    kept2d = _as_rows(kept_x_hat, kept_channels.numel())
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     impl = triton_bwd_affine if _takes_triton(y) else reference_bwd_affine
-    dweight_acc, dbias_acc = impl(dy2d, y2d, weight, bias, weight_offset, need_dweight, need_dbias)
+    dweight_acc, dbias_acc = impl(
+        dy2d, y2d, weight, bias, weight_offset, need_dweight, need_dbias, kept_channels, kept2d
+    )
     if need_dweight:
         dweight = dweight_acc.to(weight.dtype)
     if need_dbias:
@@ -476,7 +583,7 @@ def ms_norm_bwd_affine(
 
 
 @ms_norm_bwd_affine.register_fake
-def _(dy, y, weight, bias, weight_offset, need_dweight, need_dbias):
+def _(dy, y, weight, bias, weight_offset, need_dweight, need_dbias, kept_channels, kept_x_hat):
     n = y.shape[-1]
     dweight = weight.new_empty((n,)) if need_dweight else y.new_empty((0,))
     dbias = bias.new_empty((n,)) if need_dbias else y.new_empty((0,))
@@ -484,18 +591,28 @@ def _(dy, y, weight, bias, weight_offset, need_dweight, need_dbias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, weight_offset, rms, _out_dtype = inputs
-    y, rstd = output
-    # The whole saved state: y (the returned tensor itself), rstd, and the parameters.
-    ctx.save_for_backward(y, rstd, weight, bias)
+    x, weight, bias, _eps, weight_offset, rms, _out_dtype, _keep_below = inputs
+    y, rstd, kept_channels, kept_x_hat = output
+    # The whole saved state: y (the returned tensor itself), rstd, the kept channels' x_hat (usually
+    # none), and the parameters.
+    ctx.save_for_backward(y, rstd, kept_channels, kept_x_hat, weight, bias)
     ctx.weight_offset = weight_offset
     ctx.rms = rms
     ctx.x_dtype = x.dtype
-    ctx.mark_non_differentiable(rstd)
+    ctx.mark_non_differentiable(rstd, kept_channels, kept_x_hat)
 
 
-def grads_from_output(ctx, dy: Tensor, y: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """(dx, dweight, dbias) from the saved output y and rstd; None for what needs no gradient.
+def grads_from_output(
+    ctx,
+    dy: Tensor,
+    y: Tensor,
+    rstd: Tensor,
+    kept_channels: Tensor,
+    kept_x_hat: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+):
+    """(dx, dweight, dbias) from the saved output y, rstd and kept x_hat; None for what needs no gradient.
 
     ``ctx`` supplies ``needs_input_grad`` (x, weight, bias first), ``weight_offset``, ``rms`` and
     ``x_dtype``. Shared by this op and :mod:`lowmembp_convert.ops.norm_twin`.
@@ -503,11 +620,13 @@ def grads_from_output(ctx, dy: Tensor, y: Tensor, rstd: Tensor, weight: Tensor |
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     dx = dweight = dbias = None
     if need_dx:
-        dx = ms_norm_bwd(dy, y, rstd, weight, bias, ctx.weight_offset, ctx.rms, ctx.x_dtype)
+        dx = ms_norm_bwd(dy, y, rstd, weight, bias, ctx.weight_offset, ctx.rms, ctx.x_dtype, kept_channels, kept_x_hat)
     need_dweight = bool(need_dweight and weight is not None)
     need_dbias = bool(need_dbias and bias is not None)
     if need_dweight or need_dbias:  # the folded (no affine) norm never gets here
-        dweight, dbias = ms_norm_bwd_affine(dy, y, weight, bias, ctx.weight_offset, need_dweight, need_dbias)
+        dweight, dbias = ms_norm_bwd_affine(
+            dy, y, weight, bias, ctx.weight_offset, need_dweight, need_dbias, kept_channels, kept_x_hat
+        )
         dweight = dweight if need_dweight else None
         dbias = dbias if need_dbias else None
     return dx, dweight, dbias
@@ -524,10 +643,10 @@ def refuse_double_backward(dy: Tensor) -> None:
         )
 
 
-def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
+def _backward(ctx, dy: Tensor, _drstd: Tensor | None, _dkept_channels: Tensor | None, _dkept: Tensor | None):
     refuse_double_backward(dy)
-    y, rstd, weight, bias = ctx.saved_tensors
-    return (*grads_from_output(ctx, dy, y, rstd, weight, bias), None, None, None, None)
+    y, rstd, kept_channels, kept_x_hat, weight, bias = ctx.saved_tensors
+    return (*grads_from_output(ctx, dy, y, rstd, kept_channels, kept_x_hat, weight, bias), None, None, None, None, None)
 
 
 ms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -557,6 +676,7 @@ def ms_layer_norm(
     eps: float = 1e-5,
     weight_offset: float = 0.0,
     out_dtype: torch.dtype | None = None,
+    keep_below: float = DEFAULT_KEEP_BELOW,
 ) -> Tensor:
     """Memory-sharing LayerNorm over the last dim: y = (x - mean) * rstd * (w + offset) + b.
 
@@ -568,11 +688,15 @@ def ms_layer_norm(
         weight_offset: the scale is ``weight + weight_offset`` (1.0 for ``(1 + w)`` norms).
         out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
 
-    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias.
-    Backward rebuilds x_hat = (y - b) / (w + offset), so ``weight + offset`` must not be near 0.
+        keep_below: channels with |weight + offset| below this, or a bias large against it, keep
+            their x_hat for backward (float32), chosen from the current weights in every call.
+
+    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias, and
+    x_hat of the ill-conditioned channels (usually none). Backward rebuilds x_hat = (y - b) / (w + offset)
+    on every other channel.
     """
     _check("ms_layer_norm", x, weight, bias)
-    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), False, out_dtype)[0]
+    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), False, out_dtype, float(keep_below))[0]
 
 
 def ms_rms_norm(
@@ -582,6 +706,7 @@ def ms_rms_norm(
     eps: float = 1e-6,
     weight_offset: float = 0.0,
     out_dtype: torch.dtype | None = None,
+    keep_below: float = DEFAULT_KEEP_BELOW,
 ) -> Tensor:
     """Memory-sharing RMSNorm over the last dim: y = x * rstd * (w + offset) + b.
 
@@ -593,8 +718,12 @@ def ms_rms_norm(
         weight_offset: the scale is ``weight + weight_offset`` (1.0 for Gemma's ``(1 + w)``).
         out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
 
-    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias.
-    Backward rebuilds x_hat = (y - b) / (w + offset), so ``weight + offset`` must not be near 0.
+        keep_below: channels with |weight + offset| below this, or a bias large against it, keep
+            their x_hat for backward (float32), chosen from the current weights in every call.
+
+    Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias, and
+    x_hat of the ill-conditioned channels (usually none). Backward rebuilds x_hat = (y - b) / (w + offset)
+    on every other channel.
     """
     _check("ms_rms_norm", x, weight, bias)
-    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), True, out_dtype)[0]
+    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), True, out_dtype, float(keep_below))[0]

@@ -1,11 +1,17 @@
-"""Rewrite: fold norm affines into their consumers and swap in memory-sharing norms (MS-BP).
+"""Rewrite: swap in memory-sharing norms (MS-BP), keeping their affine or (on request) folding it.
 
 Finds every LayerNorm/RMSNorm (by behaviour, ``detect``), follows each call's output through the
-captured graph to the layers that consume it (``graph_walk``) and decides, with the reason: ``fold``
-when every user is a Linear-like consumer and every read of each folded tensor's storage is one of
-them; ``keep_affine`` when a user needs the affine output but a Linear still receives the output
-itself; ``skip`` otherwise. Contract (``rewrites.registry``): exact forward and backward up to
-rounding, parameter values change (the fold), state_dict keys kept (identity buffers).
+captured graph to the layers that consume it (``graph_walk``) and decides, with the reason:
+
+- default (``norms="share"``): ``keep_affine`` wherever a Linear receives the output itself (so the
+  norm and the Linear keep one tensor); the norm keeps its own Parameters and recovers x_hat from
+  its saved output in backward. Nothing is reparameterized. ``skip`` otherwise.
+- ``norms="fold"`` (the paper's form): ``fold`` when every user is a Linear-like consumer and every
+  read of each folded tensor's storage is one of them; ``keep_affine`` when a user needs the affine
+  output but a Linear still receives the output itself; ``skip`` otherwise.
+
+Contracts (``rewrites.registry``): both exact forward and backward up to rounding; the fold changes
+parameter values (state_dict keys kept, identity buffers), the default changes none.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import Capture
-from ..config import ConvertConfig
+from ..config import ConvertConfig, norm_mode
 from ..detect import Detector, NormSpec, is_converted, takes_one_tensor
 from ..graph_calls import call_inputs, is_no_op_alias, module_calls
 from ..graph_walk import WalkResult, walk_from
@@ -52,11 +58,6 @@ def _describe(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else "<root>"
     return f"{getattr(node.target, '__name__', node.target)} in {path}"
-
-
-# keep_affine is refused where recovering x_hat from the saved output would lose more than 3 bits
-# against the rounding the stock norm's own output has (see NormAnalyzer._weight_guard).
-MAX_RECOVERY_AMPLIFICATION = 8.0
 
 
 def _storage_key(t: torch.Tensor) -> tuple | None:
@@ -258,6 +259,8 @@ class NormAnalyzer:
         if not consumers and not walk.exact_sharers:
             site.reason = f"no Linear layer consumes its output (used by: {', '.join(blockers[:3]) or 'nothing'})"
             return site
+        if norm_mode(self.config) == "share":
+            return self._share(site, consumers, walk, blockers)
         conflicts = []
         for reason, untieable in self.weight_conflicts(consumers, consumer_nodes):
             if untieable and self.config.untie_embeddings and not blockers:
@@ -285,28 +288,27 @@ class NormAnalyzer:
         if not any(c.shares_output for c in consumers) and not walk.exact_sharers:
             site.reason = f"cannot fold ({why}) and no Linear receives the output itself, so nothing is shared"
             return site
-        guard = self._weight_guard(module, spec)
-        if guard:
-            site.reason = guard
-            return site
         site.action = "keep_affine"
         site.autocast_output = not blockers
         site.reason = f"affine kept in the norm: {why}"
+        return site
+
+    def _share(self, site: NormSite, consumers: list[Consumer], walk: WalkResult, blockers: list[str]) -> NormSite:
+        """The default: keep the affine in the norm wherever a Linear receives its output itself."""
+        if not any(c.shares_output for c in consumers) and not walk.exact_sharers:
+            site.reason = "no Linear receives the output itself (it is copied on the way), so nothing is shared"
+            return site
+        site.action = "keep_affine"
+        # Every reader casts to the autocast dtype anyway: emit it (one low-precision tensor kept).
+        # A residual or any other reader needs the full-precision output: the twin path then.
+        site.autocast_output = not blockers
+        site.reason = ""
         return site
 
     def _is_identity(self, module: nn.Module, spec: NormSpec) -> bool:
         weight = getattr(module, "weight", None) if spec.has_weight else None
         bias = getattr(module, "bias", None) if spec.has_bias else None
         return is_identity_affine(weight, bias, spec.weight_offset)
-
-    def _weight_guard(self, module: nn.Module, spec: NormSpec) -> str:
-        weight = getattr(module, "weight", None) if spec.has_weight else None
-        if weight is None or weight.device.type == "meta":
-            return ""
-        bias = getattr(module, "bias", None) if spec.has_bias else None
-        if bias is not None and bias.device.type == "meta":
-            bias = None
-        return weight_guard(weight.detach(), bias, spec.weight_offset, self.config.min_abs_weight)
 
 
 def is_identity_affine(weight: torch.Tensor | None, bias: torch.Tensor | None, offset: float) -> bool:
@@ -319,38 +321,6 @@ def is_identity_affine(weight: torch.Tensor | None, bias: torch.Tensor | None, o
         if weight is not None and not torch.all(weight.to(torch.float64) + offset == 1):
             return False
         return bias is None or not torch.any(bias != 0)
-
-
-def weight_guard(weight: torch.Tensor, bias: torch.Tensor | None, offset: float, min_abs_weight: float) -> str:
-    """Why keeping a norm's affine would make its backward inexact, or "" when it is safe.
-
-    Backward recovers x_hat = (y - b) / w from the saved output y. Rounding y costs x_hat an error of
-    u * (|w x_hat| + |b|) / |w| per channel (u: unit roundoff of the saved dtype), so the recovery
-    amplifies the rounding the stock norm would have by 1 + |b| / |w| (for |x_hat| ~ 1). The saved
-    dtype is taken to be the autocast one (bfloat16 for a float32 or bfloat16 model, float16 for
-    float16): the common mixed-precision case is also the strictest. Used by ``convert()`` and by the
-    checkpoint CLI (on the small norm vectors it reads), so both decide alike.
-    """
-    scale = (weight.detach().to(torch.float64) + offset).abs()
-    if scale.numel() == 0:
-        return ""
-    smallest = scale.min().item()
-    if smallest < min_abs_weight:
-        return (
-            f"keeping the affine would divide by |weight| = {smallest:.2e} in backward "
-            f"(< min_abs_weight={min_abs_weight}); left unconverted"
-        )
-    if bias is None:
-        return ""
-    amplification = (1 + bias.detach().to(torch.float64).abs() / scale).max().item()
-    if amplification > MAX_RECOVERY_AMPLIFICATION:
-        saved = "float16" if weight.dtype == torch.float16 else "bfloat16"
-        return (
-            f"keeping the affine would recover x_hat = (y - bias) / weight with up to {amplification:.0f}x the "
-            f"rounding error of a {saved} output (|bias| / |weight| up to {amplification - 1:.3g}); "
-            "left unconverted, so its gradients stay exact"
-        )
-    return ""
 
 
 def _caller(node: fx.Node) -> str | None:

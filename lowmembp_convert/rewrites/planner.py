@@ -1,9 +1,11 @@
 """Choosing, per activation site, what its backward keeps: stock, the 2-bit approximation or recompute.
 
-``activations="auto"`` (the default) takes the option that keeps the fewest bytes on the example
-batch, exact options on ties; ``"recompute"`` takes recompute where the graph proves it and leaves the
-rest stock; ``"approx"`` is the paper (ReGELU2/ReSiLU2 everywhere, no graph needed). Estimates come
-from :func:`lowmembp_convert.rewrites.recompute.estimate_site`; every choice is reported with them.
+``activations="auto"`` (the default) takes the exact option that keeps the fewest bytes on the example
+batch (recompute where the graph proves it, else stock): an approximate gradient is never chosen for
+a user who did not ask for one, and a site where the 2-bit option would keep fewer bytes says so in
+its reason. ``"recompute"`` is the same without the estimates deciding against recompute;
+``"approx"`` is the paper (ReGELU2/ReSiLU2 everywhere, no graph needed). Estimates come from
+:func:`lowmembp_convert.rewrites.recompute.estimate_site`; every choice is reported with them.
 """
 
 from __future__ import annotations
@@ -60,17 +62,19 @@ def plan_activations(
                 else f"{type(module).__name__} is not torch's {site.kind} bit for bit"
             )
         site.estimate = dict(est.bytes)
-        candidates = {k: v for k, v in est.bytes.items() if mode == "auto" or k != "approx"}
-        if not candidates:
+        exact = {k: v for k, v in est.bytes.items() if k != "approx"}  # auto and recompute: exact only
+        if not exact:
             site.action, site.reason = "skip", "not called in the traced forward"
             continue
-        best = min(candidates, key=lambda k: (candidates[k], OPTIONS.index(k)))
+        best = min(exact, key=lambda k: (exact[k], OPTIONS.index(k)))
         if best == "stock":
             site.action = "skip"
-            if mode == "recompute" and "recompute" not in est.bytes:
-                site.reason = f"left stock: recompute is not possible here ({est.why_not_recompute})"
+            if "recompute" not in est.bytes:
+                site.reason = f"left stock (exact): recompute is not possible here ({est.why_not_recompute})"
             else:
-                site.reason = f"left stock: no option keeps fewer bytes ({describe(site.estimate)})"
+                site.reason = f"left stock: no exact option keeps fewer bytes ({describe(site.estimate)})"
+            if est.bytes.get("approx", exact["stock"]) < exact["stock"]:
+                site.reason += "; activations='approx' would keep fewer bytes with an approximate gradient"
             continue
         site.option = best
         if best == "recompute":
@@ -79,18 +83,15 @@ def plan_activations(
                 site.reason = f"exact recompute in {r.consumer}, handed the input over from this module"
             else:
                 site.reason = f"exact recompute in {r.container or '<root>'}.{r.consumer}"
-        elif "recompute" in est.bytes:
-            site.reason = f"2-bit approximation: it keeps the fewest bytes ({describe(site.estimate)})"
-        else:
-            site.reason = f"2-bit approximation: recompute not possible ({est.why_not_recompute})"
 
 
-def plan_activations_without_graph(plan: Plan, mode: str) -> None:
-    """Capture failed: auto falls back to the paper's option (as ``"approx"``); recompute cannot be proven."""
+def plan_activations_without_graph(plan: Plan) -> None:
+    """Capture failed: nothing exact can be proven, so every site stays stock (never approximated)."""
     for site in plan.activations:
         if site.action != "convert":
             continue
-        if mode == "recompute":
-            site.action, site.reason = "skip", "graph capture failed, so recompute cannot be proven; left stock"
-        else:
-            site.reason = "graph capture failed: no estimate, the 2-bit approximation as in activations='approx'"
+        site.action = "skip"
+        site.reason = (
+            "left stock (exact): graph capture failed, so recompute cannot be proven; pass example_inputs to "
+            "convert(), or activations='approx' for the 2-bit approximate gradient"
+        )

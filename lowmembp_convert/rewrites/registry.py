@@ -41,9 +41,18 @@ class Rewrite:
 
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
+        name="share_norms",
+        module="lowmembp_convert.rewrites.norms",
+        options={"norms": "share", "activations": False, "adapter_inputs": False},
+        sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
+        contract=Contract(
+            exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
+        ),
+    ),
+    Rewrite(
         name="fold_norms",
         module="lowmembp_convert.rewrites.norms",
-        options={"norms": True, "activations": False, "adapter_inputs": False},
+        options={"norms": "fold", "activations": False, "adapter_inputs": False},
         sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=True, keeps_state_dict_keys=True

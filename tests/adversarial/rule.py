@@ -147,7 +147,10 @@ def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None,
         return exc
     assert_function_kept(original, model, inputs)
     assert_trainable_kept(trainable, model)
-    exact = options.get("activations", True) is False if grad_exact is None else grad_exact
+    # exact unless the 2-bit approximation was asked for (auto and recompute are exact)
+    exact = options.get("activations", True) != "approx" if grad_exact is None else grad_exact
+    if options.get("norms", True) != "fold":
+        assert_stock_state(original, model, inputs)
     args, kwargs = inputs
     if exact and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
         for m in (original, model):
@@ -159,4 +162,41 @@ def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None,
             assert (ga is None) == (gb is None), f"{name}: gradient reached in one model only"
             if ga is not None:
                 assert rel(ga, gb) < 1e-5, f"gradient of {name} differs: {rel(ga, gb):.2e}"
+        if options.get("norms", True) != "fold":
+            train_next_to_stock(original, model, args[0])
     return model
+
+
+def assert_stock_state(original: nn.Module, converted: nn.Module, inputs) -> None:
+    """Without a fold nothing is reparameterized: the state dict is the stock one, key for key and
+    value for value, and loading the stock state dict into the converted model keeps its function."""
+    expected, got = original.state_dict(), converted.state_dict()
+    assert list(expected) == list(got), "state_dict keys changed"
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), f"state_dict[{key!r}] changed"
+    converted.load_state_dict(expected)
+    assert_function_kept(original, converted, inputs)
+
+
+def train_next_to_stock(original: nn.Module, converted: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    """A few SGD steps (momentum) on both: the losses and the trained parameters stay together."""
+    params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in (("a", original), ("b", converted))}
+    if not params["a"]:
+        return
+    optimizers = [torch.optim.SGD(params[k], lr=1e-2, momentum=0.9) for k in ("a", "b")]
+    gen = torch.Generator().manual_seed(7)
+    for step in range(steps):
+        losses = []
+        for model, optimizer in zip((original, converted), optimizers, strict=True):
+            model.train()
+            torch.manual_seed(step)
+            outs = [t for t in tensors_of(model(x)) if t.is_floating_point()]
+            gen.manual_seed(step)
+            loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert rel(losses[0], losses[1]) < 1e-4, f"step {step}: loss {losses[1]} against stock {losses[0]}"
+    for (name, p), q in zip(original.named_parameters(), converted.parameters(), strict=True):
+        assert rel(p, q) < 1e-4, f"{name} trained away from stock: {rel(p, q):.2e}"

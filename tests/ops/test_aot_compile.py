@@ -88,7 +88,8 @@ def test_default_set_keeps_one_configuration_per_code_path() -> None:
     # both row-kernel paths, all three activations, the five reachable affine flag sets
     assert {dict(c.launch)["ONE_BLOCK"] for c in default if c.kernel == "ms_norm_fwd_kernel"} == {True, False}
     assert len({c.flags for c in default if c.kernel == "_step_activation_fwd_kernel"}) == 3
-    assert len({c.flags for c in default if c.kernel == "ms_norm_bwd_affine_kernel"}) == 5
+    # the five reachable affine flag sets, those computing dweight with and without kept channels
+    assert len({c.flags for c in default if c.kernel == "ms_norm_bwd_affine_kernel"}) == 8
     # the representative of the one-block path is its largest block (N = 8192: 16 elements per thread)
     one_block = [c for c in default if c.kernel == "ms_norm_fwd_kernel" and dict(c.launch)["ONE_BLOCK"]]
     assert {default[c] for c in one_block} == {(8192,)}
@@ -96,7 +97,7 @@ def test_default_set_keeps_one_configuration_per_code_path() -> None:
 
 def test_configurations_come_from_the_launch_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     configs = aot.all_configs(ns=[768, 16384, 65536], dtypes=["bf16"])
-    rms_affine = (("RMS", True), ("HAS_WEIGHT", True), ("HAS_BIAS", True))
+    rms_affine = (("RMS", True), ("HAS_WEIGHT", True), ("HAS_BIAS", True), ("HAS_KEPT", True))
     fwd = {ns: c for c, ns in configs.items() if c.kernel == "ms_norm_fwd_kernel" and c.flags == rms_affine}
     for ns, config in fwd.items():
         s = norms.launch_settings(4096, ns[0], torch.device("cpu"))

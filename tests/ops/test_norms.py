@@ -563,9 +563,10 @@ def test_custom_ops_opcheck():
     x_strided = x.transpose(0, 1).requires_grad_()
     torch.library.opcheck(ops.ms_norm_fwd, (x_strided, w.requires_grad_(), b, 1e-5, 1.0, False, None))
     torch.library.opcheck(ops.ms_norm_fwd, (x, None, None, 1e-6, 0.0, True, torch.bfloat16))
-    y, rstd = ops.ms_norm_fwd(x, w.detach(), b, 1e-5, 0.0, False, None)
-    torch.library.opcheck(ops.ms_norm_bwd, (dy, y, rstd, w.detach(), b, 0.0, False, torch.float32))
-    torch.library.opcheck(ops.ms_norm_bwd_affine, (dy, y, w.detach(), b, 0.0, True, False))
+    y, rstd, kept_channels, kept = ops.ms_norm_fwd(x, w.detach(), b, 1e-5, 0.0, False, None)
+    kept_args = (kept_channels, kept)
+    torch.library.opcheck(ops.ms_norm_bwd, (dy, y, rstd, w.detach(), b, 0.0, False, torch.float32, *kept_args))
+    torch.library.opcheck(ops.ms_norm_bwd_affine, (dy, y, w.detach(), b, 0.0, True, False, *kept_args))
 
 
 def test_imports_without_triton():
