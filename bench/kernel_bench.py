@@ -350,6 +350,9 @@ _AOT_KERNEL_ORDER = [
     "ms_norm_fwd_kernel",
     "ms_norm_bwd_kernel",
     "ms_norm_bwd_affine_kernel",
+    "ms_norm_kept_fwd_kernel",
+    "ms_norm_kept_correction_kernel",
+    "ms_norm_kept_dx_kernel",
     "_step_activation_fwd_kernel",
     "_step_activation_bwd_kernel",
     "_rebuild_kernel",
@@ -361,6 +364,10 @@ _AOT_FLOOR: dict[str, Callable[[int], float] | None] = {
     "ms_norm_fwd_kernel": _read_write,
     "ms_norm_bwd_kernel": _stock_bwd,
     "ms_norm_bwd_affine_kernel": None,
+    # the ill-conditioned channels' passes: a few columns per row, launched only when some are kept
+    "ms_norm_kept_fwd_kernel": None,
+    "ms_norm_kept_correction_kernel": None,
+    "ms_norm_kept_dx_kernel": None,
     "_step_activation_fwd_kernel": _read_write_codes,
     "_step_activation_bwd_kernel": _read_write_codes,
     # the exact recompute passes (ops/recompute.py): no figure in section 6; they move only their operands

@@ -195,16 +195,13 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
     s = norms.launch_settings(NOMINAL_ROWS, n, torch.device("cpu"))
     row_launch = (("BLOCK_N", s.block_n), ("ONE_BLOCK", s.one_block))
     configs = []
-    # the kept x_hat buffer [M, K]: K is a handful of channels, rarely a multiple of 16
-    kept_args = (_ptr("SLOT", "i32"), _ptr("KEPT", "fp32"))
     for rms, has_w, has_b in itertools.product((True, False), repeat=3):
         fwd_sig = (
             *(_ptr(p, dtype) for p in ("X", "Y", "W", "B")),
             _ptr("RSTD", "fp32"),
-            *kept_args,
+            _ptr("MEAN", "fp32"),
             _int_arg("stride_x_row", n),
             _int_arg("stride_y_row", n),
-            _int_arg("stride_kept_row", NOMINAL_KEPT),
             _int_arg("N", n),
             _fp32("eps"),
             _fp32("weight_offset"),
@@ -214,11 +211,11 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
             _ptr("Y", dtype),
             _ptr("RSTD", "fp32"),
             *(_ptr(p, dtype) for p in ("W", "B", "DX")),
-            *kept_args,
+            _ptr("CORRECTION", "fp32"),
+            _ptr("ROW_MEANS", "fp32"),
             _int_arg("stride_dy_row", n),
             _int_arg("stride_y_row", n),
             _int_arg("stride_dx_row", n),
-            _int_arg("stride_kept_row", NOMINAL_KEPT),
             _int_arg("N", n),
             _fp32("weight_offset"),
         )
@@ -230,7 +227,8 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
         *(_ptr(p, dtype) for p in ("DY", "Y", "W", "B")),
         _ptr("DW_PARTIAL", "fp32"),
         _ptr("DB_PARTIAL", "fp32"),
-        *kept_args,
+        _ptr("SLOT", "i32"),
+        _ptr("KEPT", "fp32"),
         _int_arg("stride_dy_row", n),
         _int_arg("stride_y_row", n),
         _int_arg("stride_kept_row", NOMINAL_KEPT),
@@ -251,6 +249,40 @@ def _norm_configs(n: int, dtype: str) -> list[KernelConfig]:
                     "norms", "ms_norm_bwd_affine_kernel", dtype, affine_sig, flags, affine_launch, s.affine_num_warps
                 )
             )
+    return configs + _kept_configs(n, dtype)
+
+
+def _kept_configs(n: int, dtype: str) -> list[KernelConfig]:
+    """The three kept-channel kernels, at the smallest and the largest block the launcher picks."""
+    from lowmembp_convert.ops import norms
+
+    kept = (_ptr("KC", "i64"), _ptr("KEPT", "fp32"))
+    k = _int_arg("K", NOMINAL_KEPT)  # a handful of channels: rarely a multiple of 16
+    fwd_sig = (_ptr("X", dtype), _ptr("MEAN", "fp32"), _ptr("RSTD", "fp32"), *kept, _int_arg("stride_x_row", n), k)
+    row_ptrs = (_ptr("DY", dtype), _ptr("Y", dtype))
+    strides = (_int_arg("stride_dy_row", n), _int_arg("stride_y_row", n))
+    correction_sig = (
+        *row_ptrs, _ptr("W", dtype), _ptr("B", dtype), *kept, _ptr("CORRECTION", "fp32"), *strides, k,
+        _fp32("weight_offset"),
+    )  # fmt: skip
+    dx_sig = (
+        *row_ptrs, _ptr("RSTD", "fp32"), _ptr("W", dtype), _ptr("B", dtype), *kept, _ptr("ROW_MEANS", "fp32"),
+        _ptr("DX", dtype), *strides, _int_arg("stride_dx_row", n), k, _fp32("weight_offset"),
+    )  # fmt: skip
+    configs = []
+    for entries in (NOMINAL_KEPT, 1024):
+        block_k, warps = norms.kept_launch_settings(entries)
+        launch = (("BLOCK_K", block_k),)
+        for rms in (True, False):
+            configs.append(
+                KernelConfig("norms", "ms_norm_kept_fwd_kernel", dtype, fwd_sig, (("RMS", rms),), launch, warps)
+            )
+        for has_w, has_b in itertools.product((False, True), repeat=2):
+            if not (has_w or has_b):
+                continue  # no affine: nothing is kept
+            flags = (("HAS_WEIGHT", has_w), ("HAS_BIAS", has_b))
+            for kernel, sig in (("ms_norm_kept_correction_kernel", correction_sig), ("ms_norm_kept_dx_kernel", dx_sig)):
+                configs.append(KernelConfig("norms", kernel, dtype, sig, flags, launch, warps))
     return configs
 
 
@@ -347,6 +379,12 @@ def issued_bytes_per_element(config: KernelConfig) -> float:
     if config.kernel == "ms_norm_bwd_kernel":
         passes = 1 if launch["ONE_BLOCK"] else 2
         return (2 * passes + 1) * e  # dy and y per pass, dx
+    if config.kernel == "ms_norm_kept_fwd_kernel":
+        return e + 4  # x in, the fp32 x_hat out, per kept entry
+    if config.kernel == "ms_norm_kept_correction_kernel":
+        return 2 * e + 4  # y, dy and the kept x_hat
+    if config.kernel == "ms_norm_kept_dx_kernel":
+        return 3 * e + 4  # y, dy, the kept x_hat in; dx out
     if config.kernel == "ms_norm_bwd_affine_kernel":
         return (2 if flags["COMPUTE_DW"] else 1) * e  # dy, and y for dweight
     if config.kernel in ("_step_activation_fwd_kernel", "_step_activation_bwd_kernel"):

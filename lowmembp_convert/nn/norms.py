@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd
-from lowmembp_convert.ops.norms import ms_layer_norm, ms_rms_norm
+from lowmembp_convert.ops.norms import ill_conditioned_channels, ms_layer_norm, ms_rms_norm
 
 __all__ = ["MSLayerNorm", "MSRMSNorm"]
 
@@ -77,6 +77,11 @@ class _MSNorm(nn.Module):
         identity_weight = 1.0 - self.weight_offset  # ones, or zeros for (1 + w) norms
         self._register_affine("weight", weight, self.affine_weight, identity_weight)
         self._register_affine("bias", bias, self.affine_bias, 0.0)
+        # Under torch.compile no shape may depend on the weights' values: up to this many
+        # ill-conditioned channels keep x_hat (4 bytes a row each, kept whether used or not). Set
+        # from the weights at conversion (usually 0: then compiled keeps what eager keeps); a step
+        # that finds more warns. Eager keeps every such channel.
+        self.compiled_kept_capacity = self._ill_conditioned_now() if (self.affine_weight or self.affine_bias) else 0
 
     def _twin_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The autocast dtype when this call should make the twin (post-norm, autocast, training)."""
@@ -125,6 +130,17 @@ class _MSNorm(nn.Module):
     def _eps_for(self, x: torch.Tensor) -> float:
         return torch.finfo(x.dtype).eps if self.eps is None else self.eps
 
+    def _ill_conditioned_now(self) -> int:
+        weight = self.weight if self.affine_weight else None
+        bias = self.bias if self.affine_bias else None
+        if any(t is not None and t.device.type == "meta" for t in (weight, bias)):
+            return 0
+        return ill_conditioned_channels(weight, bias, self.weight_offset, self.min_abs_weight).numel()
+
+    def _kept_capacity(self) -> int:
+        """-1 in eager (every ill-conditioned channel keeps x_hat); the fixed capacity when compiling."""
+        return self.compiled_kept_capacity if torch.compiler.is_compiling() else -1
+
     def _stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function in plain torch ops (for torch.func transforms, which the custom ops lack)."""
         x_last = x.movedim(self.channel_dim, -1)
@@ -154,8 +170,9 @@ class _MSNorm(nn.Module):
             # it. Compiled: the saved twin is a graph cast of y, merged (CSE) with the consumers' casts.
             twin_output = not torch.compiler.is_compiling()
             y, *_ = ms_norm_twin_fwd(
-                x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output, self.min_abs_weight
-            )
+                x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output,
+                self.min_abs_weight, self._kept_capacity(),
+            )  # fmt: skip
             return y
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(x.device.type):
@@ -169,6 +186,7 @@ class _MSNorm(nn.Module):
             weight_offset=self.weight_offset,
             out_dtype=out_dtype,
             keep_below=self.min_abs_weight,
+            kept_capacity=self._kept_capacity(),
         )
         # A view of the normalized (saved) storage, so a consumer that saves it shares it.
         return y.movedim(-1, self.channel_dim) if moved else y

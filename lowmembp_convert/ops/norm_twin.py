@@ -38,7 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norms import DEFAULT_KEEP_BELOW, _stats_dtype, grads_from_output, ms_norm_fwd, refuse_double_backward
+from .norms import (
+    DEFAULT_KEEP_BELOW,
+    _stats_dtype,
+    grads_from_output,
+    kept_channels_size,
+    ms_norm_fwd,
+    refuse_double_backward,
+)
 
 __all__ = ["autocast_twin_of", "linear_on_twin", "linear_on_twin_bwd", "ms_norm_twin_fwd", "ms_norm_with_twin"]
 
@@ -63,6 +70,7 @@ def ms_norm_twin_fwd(
     low_dtype: torch.dtype,
     twin_output: bool,
     keep_below: float = DEFAULT_KEEP_BELOW,
+    kept_capacity: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Memory-sharing norm over the last dim that also returns y's low-precision twin.
 
@@ -75,12 +83,14 @@ def ms_norm_twin_fwd(
 
     Returns (y, twin, rstd, kept_channels, kept_x_hat): y in ``x.dtype``, contiguous and not a view
     (consumers find the twin through ``view._base``); twin in ``low_dtype``; the rest as for
-    ``ms_norm_fwd`` (``keep_below`` too).
+    ``ms_norm_fwd`` (``keep_below`` and ``kept_capacity`` too).
     Saved for backward: the twin, rstd, the kept channels' x_hat, weight and bias; not y.
     """
     if low_dtype == x.dtype:
         raise ValueError(f"ms_norm_twin_fwd: low_dtype must differ from x.dtype ({x.dtype}); use ms_norm_fwd")
-    y, rstd, kept_channels, kept_x_hat = ms_norm_fwd(x, weight, bias, eps, weight_offset, rms, None, keep_below)
+    y, rstd, kept_channels, kept_x_hat = ms_norm_fwd(
+        x, weight, bias, eps, weight_offset, rms, None, keep_below, kept_capacity
+    )
     # ms_norm_fwd returns a view of its row-major buffer; this output must be a base of its own
     y = torch.ops.aten._unsafe_view.default(y, x.shape)
     twin = y.to(low_dtype) if twin_output else x.new_empty((0,), dtype=low_dtype)
@@ -88,17 +98,19 @@ def ms_norm_twin_fwd(
 
 
 @ms_norm_twin_fwd.register_fake
-def _(x, weight, bias, eps, weight_offset, rms, low_dtype, twin_output, keep_below=DEFAULT_KEEP_BELOW):
+def _(
+    x, weight, bias, eps, weight_offset, rms, low_dtype, twin_output, keep_below=DEFAULT_KEEP_BELOW, kept_capacity=-1
+):  # noqa: E501
     y = x.new_empty(x.shape)
     twin = x.new_empty(x.shape if twin_output else (0,), dtype=low_dtype)
-    k = torch.library.get_ctx().new_dynamic_size() if (weight is not None or bias is not None) else 0
+    k = kept_channels_size(weight, bias, kept_capacity)
     stats = _stats_dtype(x.dtype)
     kept_channels, kept_x_hat = x.new_empty((k,), dtype=torch.int64), x.new_empty((*x.shape[:-1], k), dtype=stats)
     return y, twin, x.new_empty(x.shape[:-1], dtype=stats), kept_channels, kept_x_hat
 
 
 def _twin_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, weight_offset, rms, low_dtype, twin_output, _keep_below = inputs
+    x, weight, bias, _eps, weight_offset, rms, low_dtype, twin_output, _keep_below, _kept_capacity = inputs
     y, twin, rstd, kept_channels, kept_x_hat = output
     # Saved: the twin (shared with the consumer Linears), rstd, the kept channels' x_hat and the
     # parameters. Not y. Under compile the cast made here is a forward graph node, the same (after
@@ -115,12 +127,12 @@ def _twin_setup_context(ctx, inputs, output) -> None:
 def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, *_non_differentiable: Tensor | None):
     grads = [g for g in (dy, dtwin if ctx.twin_output else None) if g is not None]
     if not grads:
-        return (None,) * 9
+        return (None,) * 10
     refuse_double_backward(grads[0])
     twin, rstd, kept_channels, kept_x_hat, weight, bias = ctx.saved_tensors
     g = grads[0].float() if len(grads) == 1 else grads[0].float() + grads[1].float()
     dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, kept_channels, kept_x_hat, weight, bias)
-    return dx, dweight, dbias, None, None, None, None, None, None
+    return dx, dweight, dbias, *(None,) * 7
 
 
 ms_norm_twin_fwd.register_autograd(_twin_backward, setup_context=_twin_setup_context)

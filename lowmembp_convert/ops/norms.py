@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,41 +71,62 @@ def _as_rows(t: Tensor, n: int) -> Tensor:
 MAX_RECOVERY_AMPLIFICATION = 8.0
 # Channels whose |w + offset| is below this keep x_hat (the default of ConvertConfig.min_abs_weight).
 DEFAULT_KEEP_BELOW = 1e-3
+# A scale below this is never divided by, whatever keep_below says (the kernels' MIN_DIVISOR).
+MIN_DIVISOR = 1e-30
 
 
 def ill_conditioned_channels(
-    weight: Tensor | None, bias: Tensor | None, weight_offset: float, keep_below: float
+    weight: Tensor | None, bias: Tensor | None, weight_offset: float, keep_below: float, capacity: int = -1
 ) -> Tensor:
-    """Indices (int64 [K], ascending) of the channels whose x_hat the forward keeps.
+    """Indices (int64, ascending) of the channels whose x_hat the forward keeps.
 
-    Channel j is kept when |w_j + offset| < ``keep_below`` or is 0 (a vanishing scale: y_j carries
-    nothing of x_hat_j) or |b_j| > (MAX_RECOVERY_AMPLIFICATION - 1) * |w_j + offset| (the shift
-    swamps the signal in y_j's rounding). Without a weight the scale is 1. Computed on the device from
-    the current values; reading K back is one host sync per call, only for norms with an affine.
+    Channel j is kept when |w_j + offset| < max(``keep_below``, MIN_DIVISOR) (a vanishing scale: y_j
+    carries almost nothing of x_hat_j) or |b_j| > (MAX_RECOVERY_AMPLIFICATION - 1) * |w_j + offset|
+    (the shift swamps the signal in y_j's rounding). Without a weight the scale is 1.
+
+    ``capacity < 0`` (eager): all of them, [K] (reading K back is one host sync). ``capacity >= 0``
+    (torch.compile, where shapes must not depend on values): exactly ``capacity`` entries, the first
+    kept channels then -1 padding; channels past the capacity are recovered, not kept, and a warning
+    says so (the count is read back too: one host sync).
     """
     ref = weight if weight is not None else bias
     if ref is None:
-        return torch.empty((0,), dtype=torch.int64)
+        return torch.empty((max(capacity, 0),), dtype=torch.int64).fill_(-1)
     acc = _compute_dtype(ref.dtype)
     scale = (weight.detach().to(acc) + weight_offset).abs() if weight is not None else None
-    # a zero scale always keeps x_hat (y_j carries nothing of it), whatever keep_below says
-    bad = (scale < keep_below) | (scale == 0) if scale is not None else torch.zeros_like(ref, dtype=torch.bool)
+    floor = max(keep_below, MIN_DIVISOR)
+    bad = scale < floor if scale is not None else torch.zeros_like(ref, dtype=torch.bool)
     if bias is not None:
         limit = (MAX_RECOVERY_AMPLIFICATION - 1) * (scale if scale is not None else 1.0)
         bad |= bias.detach().to(acc).abs() > limit
     if scale is not None:
         bad |= ~torch.isfinite(scale)
-    return bad.nonzero().squeeze(1)
+    if capacity < 0:
+        return bad.nonzero().squeeze(1)
+    count = int(bad.sum())
+    if count > capacity:
+        warnings.warn(
+            f"lowmembp_convert: a memory-sharing norm ({bad.numel()} channels) run under torch.compile has {count} "
+            f"ill-conditioned channels but room to keep x_hat for {capacity}: the other {count - capacity} are "
+            "recovered from the output, with more rounding than stock. Set the norm module's "
+            "compiled_kept_capacity (then torch.compile again), or run it eagerly, where every such channel is kept",
+            stacklevel=2,
+        )
+    return torch.nonzero_static(bad, size=capacity, fill_value=-1).squeeze(1)
 
 
 def _slot_map(kept_channels: Tensor, n: int, device: torch.device) -> Tensor:
-    """int32 [N]: the column of the kept buffer holding channel j, or -1 (what the kernels read);
-    an empty one (never read) when no channel is kept."""
-    if not kept_channels.numel():
+    """int32 [N]: the column of the kept buffer holding channel j, or -1 (what the column-reduction
+    kernel and the reference read); an empty one (never read) when no channel is kept. Built on the
+    device without a sync (padding entries -1 scatter to a dummy slot past the end)."""
+    k = kept_channels.numel()
+    if not k:
         return torch.empty((0,), dtype=torch.int32, device=device)
-    slot = torch.full((n,), -1, dtype=torch.int32, device=device)
-    slot[kept_channels.to(device)] = torch.arange(kept_channels.numel(), dtype=torch.int32, device=device)
-    return slot
+    kept_channels = kept_channels.to(device)
+    target = torch.where(kept_channels >= 0, kept_channels, n)
+    slot = torch.full((n + 1,), -1, dtype=torch.int32, device=device)
+    slot.scatter_(0, target, torch.arange(k, dtype=torch.int32, device=device))
+    return slot[:n]
 
 
 # Longest row normalized in one pass with the row in registers; longer rows loop over blocks of
@@ -191,7 +213,8 @@ def triton_fwd(
     out_dtype: torch.dtype,
     kept_channels: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the forward kernel on [M, N] rows (unit column stride).
+    """Launch the forward kernel on [M, N] rows (unit column stride), then, when channels are kept,
+    the kernel storing their x_hat.
 
     Returns (y [M, N], rstd [M], kept_x_hat [M, K] fp32: x_hat of the ``kept_channels``)."""
     rows, n = x2d.shape
@@ -199,20 +222,19 @@ def triton_fwd(
     y = torch.empty((rows, n), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x2d.device)
     kept = torch.empty((rows, k), dtype=torch.float32, device=x2d.device)
-    slot = _slot_map(kept_channels, n, x2d.device)
+    mean = torch.empty((rows if k and not rms else 0,), dtype=torch.float32, device=x2d.device)
     s = launch_settings(rows, n, x2d.device)
+    kernels = _kernels()
     with _device_guard(x2d):
-        _kernels().ms_norm_fwd_kernel[(rows,)](
+        kernels.ms_norm_fwd_kernel[(rows,)](
             x2d,
             y,
             weight if weight is not None else x2d,  # never read without HAS_WEIGHT
             bias if bias is not None else x2d,
             rstd,
-            slot,
-            kept,  # [M, 0] and never written without HAS_KEPT
+            mean,  # written only with HAS_KEPT (LayerNorm)
             x2d.stride(0),
             y.stride(0),
-            k,
             n,
             eps,
             weight_offset,
@@ -224,7 +246,19 @@ def triton_fwd(
             ONE_BLOCK=s.one_block,
             num_warps=s.num_warps,
         )
+        if k:
+            block_k, warps = kept_launch_settings(k)
+            kernels.ms_norm_kept_fwd_kernel[(rows,)](
+                x2d, mean if not rms else rstd, rstd, kept_channels.to(x2d.device), kept, x2d.stride(0), k,
+                RMS=rms, BLOCK_K=block_k, num_warps=warps,
+            )  # fmt: skip
     return y, rstd, kept
+
+
+def kept_launch_settings(k: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of the kept-channel kernels: all K entries in one block up to 1024."""
+    block_k = min(max(_next_power_of_2(k), 16), 1024)
+    return block_k, min(max(block_k // 256, 1), 4)
 
 
 def triton_bwd(
@@ -239,36 +273,53 @@ def triton_bwd(
     kept_channels: Tensor,
     kept2d: Tensor,
 ) -> Tensor:
-    """Launch the backward (dx) kernel on [M, N] rows. Returns dx [M, N] in ``dx_dtype``."""
+    """Launch the backward (dx) kernel on [M, N] rows (with kept channels: the correction kernel
+    before it and the kernel rewriting their dx after it). Returns dx [M, N] in ``dx_dtype``."""
     rows, n = y2d.shape
     k = kept_channels.numel()
     dx = torch.empty((rows, n), dtype=dx_dtype, device=y2d.device)
-    slot = _slot_map(kept_channels, n, y2d.device)
     s = launch_settings(rows, n, y2d.device)
+    kernels = _kernels()
+    w_arg = weight if weight is not None else y2d  # never read without HAS_WEIGHT
+    b_arg = bias if bias is not None else y2d  # never read without HAS_BIAS
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
+    correction = torch.empty((rows if k else 0,), dtype=torch.float32, device=y2d.device)
+    row_means = torch.empty((rows if k else 0, 2), dtype=torch.float32, device=y2d.device)
+    kc = kept_channels.to(y2d.device)
+    block_k, warps = kept_launch_settings(k)
     with _device_guard(y2d):
-        _kernels().ms_norm_bwd_kernel[(rows,)](
+        if k:
+            kernels.ms_norm_kept_correction_kernel[(rows,)](
+                dy2d, y2d, w_arg, b_arg, kc, kept2d, correction, dy2d.stride(0), y2d.stride(0), k, weight_offset,
+                **flags, BLOCK_K=block_k, num_warps=warps,
+            )  # fmt: skip
+        kernels.ms_norm_bwd_kernel[(rows,)](
             dy2d,
             y2d,
             rstd,
-            weight if weight is not None else y2d,  # never read without HAS_WEIGHT
-            bias if bias is not None else y2d,
+            w_arg,
+            b_arg,
             dx,
-            slot,
-            kept2d,  # never read without HAS_KEPT
+            correction,  # read only with HAS_KEPT
+            row_means,  # written only with HAS_KEPT
             dy2d.stride(0),
             y2d.stride(0),
             dx.stride(0),
-            k,
             n,
             weight_offset,
             RMS=rms,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
+            **flags,
             HAS_KEPT=k > 0,
             BLOCK_N=s.block_n,
             ONE_BLOCK=s.one_block,
             num_warps=s.num_warps,
         )
+        if k:
+            kernels.ms_norm_kept_dx_kernel[(rows,)](
+                dy2d, y2d, rstd, w_arg, b_arg, kc, kept2d, row_means, dx,
+                dy2d.stride(0), y2d.stride(0), dx.stride(0), k, weight_offset,
+                **flags, BLOCK_K=block_k, num_warps=warps,
+            )  # fmt: skip
     return dx
 
 
@@ -355,7 +406,9 @@ def reference_fwd(
         y = y * (weight.to(acc) + weight_offset)
     if bias is not None:
         y = y + bias.to(acc)
-    kept = x_hat.index_select(1, kept_channels.to(x_hat.device))
+    # x_hat of each kept channel (a -1 padding entry reads channel 0: never used)
+    index = kept_channels.to(x_hat.device).clamp(min=0).expand(x_hat.shape[0], -1)
+    kept = x_hat.gather(1, index)
     return y.to(out_dtype).contiguous(), rstd.squeeze(-1), kept.to(_stats_dtype(x2d.dtype))
 
 
@@ -377,9 +430,11 @@ def _reference_recover(
     if weight is not None:
         w_eff = weight.to(acc) + weight_offset
         g = g * w_eff
-        x_hat = x_hat / torch.where(w_eff == 0, 1.0, w_eff)  # a zero channel is a kept one
+        x_hat = x_hat / torch.where(w_eff.abs() < MIN_DIVISOR, 1.0, w_eff)  # such a channel is a kept one
     if kept_channels.numel():
-        x_hat = x_hat.index_copy(1, kept_channels.to(x_hat.device), kept2d.to(acc))
+        slot = _slot_map(kept_channels, x_hat.shape[1], x_hat.device).long()
+        kept = kept2d.to(acc).gather(1, slot.clamp(min=0).expand(x_hat.shape[0], -1))
+        x_hat = torch.where(slot >= 0, kept, x_hat)
     return x_hat, g
 
 
@@ -450,6 +505,7 @@ def ms_norm_fwd(
     rms: bool,
     out_dtype: torch.dtype | None,
     keep_below: float = DEFAULT_KEEP_BELOW,
+    kept_capacity: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Memory-sharing norm forward over the last dim. Returns (y, rstd, kept_channels, kept_x_hat).
 
@@ -463,6 +519,8 @@ def ms_norm_fwd(
         out_dtype: dtype of y (autocast); None keeps ``x.dtype``.
         keep_below: channels with |weight + weight_offset| below this (or a shift large against
             the scale) keep their x_hat for backward (:func:`ill_conditioned_channels`).
+        kept_capacity: -1 (eager): as many kept channels as there are (K read back: one sync);
+            >= 0 (torch.compile): exactly that many entries, -1 padded, so no shape depends on values.
 
     Returns y (contiguous, shape of x), rstd (x.shape[:-1], float32; float64 for float64 x),
     kept_channels (int64 [K]) and kept_x_hat (x.shape[:-1] + (K,), rstd's dtype): x_hat of the
@@ -472,7 +530,7 @@ def ms_norm_fwd(
     n = x.shape[-1]
     out_dtype = out_dtype or x.dtype
     stats = _stats_dtype(x.dtype)
-    kept_channels = ill_conditioned_channels(weight, bias, weight_offset, keep_below).to(x.device)
+    kept_channels = ill_conditioned_channels(weight, bias, weight_offset, keep_below, kept_capacity).to(x.device)
     k = kept_channels.numel()
     if x.numel() == 0:
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -487,10 +545,9 @@ def ms_norm_fwd(
 
 
 @ms_norm_fwd.register_fake
-def _(x, weight, bias, eps, weight_offset, rms, out_dtype, keep_below=DEFAULT_KEEP_BELOW):
+def _(x, weight, bias, eps, weight_offset, rms, out_dtype, keep_below=DEFAULT_KEEP_BELOW, kept_capacity=-1):
     y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
-    # how many channels keep x_hat depends on the weights' values: a size known only at run time
-    k = torch.library.get_ctx().new_dynamic_size() if (weight is not None or bias is not None) else 0
+    k = kept_channels_size(weight, bias, kept_capacity)
     stats = _stats_dtype(x.dtype)
     kept_channels = x.new_empty((k,), dtype=torch.int64)
     return y, x.new_empty(x.shape[:-1], dtype=stats), kept_channels, x.new_empty((*x.shape[:-1], k), dtype=stats)
@@ -590,8 +647,16 @@ def _(dy, y, weight, bias, weight_offset, need_dweight, need_dbias, kept_channel
     return dweight, dbias
 
 
+def kept_channels_size(weight: Tensor | None, bias: Tensor | None, kept_capacity: int):
+    """The fake size of the kept-channel outputs: the capacity, or (eager, -1) a size known only at
+    run time from the weights' values (none without an affine)."""
+    if kept_capacity >= 0:
+        return kept_capacity
+    return torch.library.get_ctx().new_dynamic_size() if (weight is not None or bias is not None) else 0
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, weight_offset, rms, _out_dtype, _keep_below = inputs
+    x, weight, bias, _eps, weight_offset, rms, _out_dtype, _keep_below, _kept_capacity = inputs
     y, rstd, kept_channels, kept_x_hat = output
     # The whole saved state: y (the returned tensor itself), rstd, the kept channels' x_hat (usually
     # none), and the parameters.
@@ -646,7 +711,7 @@ def refuse_double_backward(dy: Tensor) -> None:
 def _backward(ctx, dy: Tensor, _drstd: Tensor | None, _dkept_channels: Tensor | None, _dkept: Tensor | None):
     refuse_double_backward(dy)
     y, rstd, kept_channels, kept_x_hat, weight, bias = ctx.saved_tensors
-    return (*grads_from_output(ctx, dy, y, rstd, kept_channels, kept_x_hat, weight, bias), None, None, None, None, None)
+    return (*grads_from_output(ctx, dy, y, rstd, kept_channels, kept_x_hat, weight, bias), *(None,) * 6)
 
 
 ms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -677,6 +742,7 @@ def ms_layer_norm(
     weight_offset: float = 0.0,
     out_dtype: torch.dtype | None = None,
     keep_below: float = DEFAULT_KEEP_BELOW,
+    kept_capacity: int = -1,
 ) -> Tensor:
     """Memory-sharing LayerNorm over the last dim: y = (x - mean) * rstd * (w + offset) + b.
 
@@ -690,13 +756,16 @@ def ms_layer_norm(
 
         keep_below: channels with |weight + offset| below this, or a bias large against it, keep
             their x_hat for backward (float32), chosen from the current weights in every call.
+        kept_capacity: -1: every such channel (one host sync to size the buffer); >= 0: at most
+            that many, no sync and no value-dependent shape (what a compiled module passes).
 
     Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias, and
     x_hat of the ill-conditioned channels (usually none). Backward rebuilds x_hat = (y - b) / (w + offset)
     on every other channel.
     """
     _check("ms_layer_norm", x, weight, bias)
-    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), False, out_dtype, float(keep_below))[0]
+    eps, weight_offset, keep_below = float(eps), float(weight_offset), float(keep_below)
+    return ms_norm_fwd(x, weight, bias, eps, weight_offset, False, out_dtype, keep_below, int(kept_capacity))[0]
 
 
 def ms_rms_norm(
@@ -707,6 +776,7 @@ def ms_rms_norm(
     weight_offset: float = 0.0,
     out_dtype: torch.dtype | None = None,
     keep_below: float = DEFAULT_KEEP_BELOW,
+    kept_capacity: int = -1,
 ) -> Tensor:
     """Memory-sharing RMSNorm over the last dim: y = x * rstd * (w + offset) + b.
 
@@ -720,10 +790,13 @@ def ms_rms_norm(
 
         keep_below: channels with |weight + offset| below this, or a bias large against it, keep
             their x_hat for backward (float32), chosen from the current weights in every call.
+        kept_capacity: -1: every such channel (one host sync to size the buffer); >= 0: at most
+            that many, no sync and no value-dependent shape (what a compiled module passes).
 
     Saved for backward: the returned y itself and rstd (one float32 per row), plus weight/bias, and
     x_hat of the ill-conditioned channels (usually none). Backward rebuilds x_hat = (y - b) / (w + offset)
     on every other channel.
     """
     _check("ms_rms_norm", x, weight, bias)
-    return ms_norm_fwd(x, weight, bias, float(eps), float(weight_offset), True, out_dtype, float(keep_below))[0]
+    eps, weight_offset, keep_below = float(eps), float(weight_offset), float(keep_below)
+    return ms_norm_fwd(x, weight, bias, eps, weight_offset, True, out_dtype, keep_below, int(kept_capacity))[0]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import enum
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rule import convert_checked
 
 from lowmembp_convert import convert, plan_conversion
+from lowmembp_convert.detect import is_converted
 
 D = 8
 
@@ -136,18 +138,23 @@ class HostReadsEps(nn.Module):
         return self.fc(self.norm(x)) * (1 + self.norm.variance_epsilon) / self.norm.hidden_size
 
 
-def test_a_replacement_keeps_the_attributes_host_code_reads() -> None:
-    model = convert_checked(HostReadsEps(), _x(), activations=False)
-    assert model.lowmembp_report.plan.norm("norm").action == "fold"
+@pytest.mark.parametrize(("norms", "action"), [("share", "keep_affine"), ("fold", "fold")])
+def test_a_replacement_keeps_the_attributes_host_code_reads(norms: str, action: str) -> None:
+    model = convert_checked(HostReadsEps(), _x(), activations=False, norms=norms)
+    assert model.lowmembp_report.plan.norm("norm").action == action
+    assert is_converted(model.norm), "the norm must be replaced for the attributes to be at risk"
     assert model.norm.variance_epsilon == 1e-6 and model.norm.hidden_size == D
 
 
-def test_rms_norm_with_eps_none_is_recognised() -> None:
-    model = convert_checked(Mlp(nn.ReLU(), nn.RMSNorm(D)), _x(), activations=False)
+@pytest.mark.parametrize(("norms", "action"), [("share", "keep_affine"), ("fold", "fold")])
+def test_rms_norm_with_eps_none_is_recognised(norms: str, action: str) -> None:
+    model = convert_checked(Mlp(nn.ReLU(), nn.RMSNorm(D)), _x(), activations=False, norms=norms)
     site = model.lowmembp_report.plan.norm("norm")
-    assert site.action == "fold" and site.eps is None
+    assert site.action == action and site.eps is None
     x = torch.randn(2, 3, D, dtype=torch.float64)
-    expected = F.rms_norm(x, (D,), None, None)  # eps None: the dtype's machine epsilon, float64 here
+    weight = model.norm.weight.detach().double()  # the stock weight kept (share), identity buffer (fold)
+    assert isinstance(model.norm.weight, nn.Parameter) == (norms == "share")
+    expected = F.rms_norm(x, (D,), weight, None)  # eps None: the dtype's machine epsilon, float64 here
     assert torch.allclose(model.norm(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -161,6 +168,9 @@ def test_a_functional_matmul_consumer_gets_the_true_reason() -> None:
         def forward(self, x):
             return self.norm(x) @ self.w.T
 
-    site = plan_conversion(MatmulConsumer(), example_inputs=_x()).norm("norm")
+    # the reason a fold is refused; the default keeps the affine anyway (the matmul keeps the output itself)
+    assert plan_conversion(MatmulConsumer(), example_inputs=_x()).norm("norm").action == "keep_affine"
+    site = plan_conversion(MatmulConsumer(), example_inputs=_x(), norms="fold").norm("norm")
+    assert site.action == "keep_affine"
     assert "matmul" in site.reason and "normalized channels" in site.reason
     assert "contracts a dim other than" not in site.reason

@@ -1,12 +1,16 @@
 """Causes 1 and 3: a norm -> Linear pair reached more than once, and tensors used outside what the
 analysis saw. Each fold must touch every weight at most once, and only when every read of its
-storage is a qualifying consumer."""
+storage is a qualifying consumer. The default (``norms="share"``) edits no weight: every model here
+keeps its parameters, the same objects with the same values."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
-from rule import convert_checked
+from rule import assert_stock_state, convert_checked, gradients, rel, train_next_to_stock
+
+from lowmembp_convert import convert
 
 D = 8
 
@@ -148,46 +152,84 @@ class TwoNormsOneLinear(nn.Module):
 
 
 def test_tower_applied_to_two_inputs_folds_once() -> None:
-    model = convert_checked(_randomize(TwoInputs()), _x(), activations=False)
+    model = convert_checked(_randomize(TwoInputs()), _x(), activations=False, norms="fold")
     assert model.lowmembp_report.plan.norm("tower.norm").action == "fold"
 
 
 def test_block_applied_in_a_loop_folds_once() -> None:
-    model = convert_checked(_randomize(Loop()), _x(), activations=False)
+    model = convert_checked(_randomize(Loop()), _x(), activations=False, norms="fold")
     assert model.lowmembp_report.plan.norm("block.norm").action == "fold"
 
 
 def test_linear_on_two_slices_folds_once() -> None:
-    model = convert_checked(_randomize(Slices()), _x(), activations=False)
+    model = convert_checked(_randomize(Slices()), _x(), activations=False, norms="fold")
     assert len(model.lowmembp_report.plan.norm("norm").consumers) == 1
 
 
 def test_norm_weight_read_outside_the_norm_keeps_its_affine() -> None:
-    model = convert_checked(_randomize(NormWeightReadElsewhere()), _x(), activations=False)
+    model = convert_checked(_randomize(NormWeightReadElsewhere()), _x(), activations=False, norms="fold")
     site = model.lowmembp_report.plan.norm("norm")
     assert site.action == "keep_affine" and "norm.weight is also read outside the norm" in site.reason
     assert isinstance(model.norm.weight, nn.Parameter)
 
 
 def test_norm_weight_read_through_a_no_op_alias_keeps_its_affine() -> None:
-    model = convert_checked(NormWeightReadThroughAlias(), _x(), activations=False, verify=False)
+    model = convert_checked(NormWeightReadThroughAlias(), _x(), activations=False, norms="fold", verify=False)
     assert model.lowmembp_report.plan.norm("norm").action == "keep_affine"
 
 
 def test_consumer_weight_sharing_storage_with_another_parameter_is_not_folded() -> None:
     model = _randomize(StorageShared()).share()
     other_before = model.other.weight.detach().clone()
-    convert_checked(model, _x(), activations=False)
+    convert_checked(model, _x(), activations=False, norms="fold")
     assert model.lowmembp_report.plan.norm("norm").action != "fold"
     assert torch.equal(model.other.weight, other_before)
 
 
 def test_consumer_weight_that_is_another_modules_parameter_is_not_folded() -> None:
-    model = convert_checked(_randomize(ParamOfTwoModules()), _x(), activations=False)
+    model = convert_checked(_randomize(ParamOfTwoModules()), _x(), activations=False, norms="fold")
     site = model.lowmembp_report.plan.norm("norm")
     assert site.action == "keep_affine" and "tied or reused" in site.reason
 
 
 def test_two_norms_sharing_one_consumer_fold_neither() -> None:
-    model = convert_checked(_randomize(TwoNormsOneLinear()), _x(), activations=False)
+    model = convert_checked(_randomize(TwoNormsOneLinear()), _x(), activations=False, norms="fold")
     assert {s.action for s in model.lowmembp_report.plan.norms} <= {"keep_affine", "skip"}
+
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        TwoInputs,
+        Loop,
+        Slices,
+        NormWeightReadElsewhere,
+        lambda: StorageShared().share(),
+        ParamOfTwoModules,
+        TwoNormsOneLinear,
+    ],
+    ids=["two_inputs", "loop", "slices", "norm_weight_read_elsewhere", "storage_shared", "param_of_two", "two_norms"],
+)
+def test_the_default_keeps_every_shared_weight_stock(build) -> None:
+    # The stock twin is built the same way, not deep-copied: a deepcopy gives each Parameter its own
+    # storage, so StorageShared's copy would train differently from StorageShared itself.
+    model, stock = _randomize(build()), _randomize(build())
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters(remove_duplicate=False)}
+    convert(model, activations=False, example_inputs=_x())
+    actions = [s.action for s in model.lowmembp_report.plan.norms]
+    assert "keep_affine" in actions and "fold" not in actions, actions
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert list(after) == list(before)
+    for name, (p, value) in before.items():
+        assert after[name] is p and torch.equal(p, value), f"{name} changed"
+    assert_stock_state(stock, model, _x())  # state dict, and the function after loading it
+    (x,), _ = _x()
+    for m in (stock, model):
+        m.train()
+    (ga, params_a), (gb, params_b) = gradients(stock, x), gradients(model, x)
+    assert rel(ga, gb) < 1e-5
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert rel(params_a[name], params_b[name]) < 1e-5, f"gradient of {name} differs"
+    train_next_to_stock(stock, model, x)

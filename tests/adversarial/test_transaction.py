@@ -46,24 +46,29 @@ def _model() -> nn.Module:
 
 
 # Every stage of apply, and the verification after it: fail at the first and the last call. The
-# activation swap runs in the paper's mode; the default mode recomputes this MLP (a class swap).
+# activation swap runs in the paper's mode; the default mode recomputes this MLP (a class swap). The
+# fold runs only with norms="fold"; the norm swaps run under both norm modes (the default keeps the
+# affine, so its MS norms hold the stock Parameters).
 STAGES = [
-    (apply_module, "fold_affine_into", "auto"),
-    (apply_module, "_ms_norm_for", "auto"),
-    (apply_module, "replace_module", "auto"),
-    (apply_module, "_activation_for", "approx"),
-    (apply_module, "rewrite_container", "auto"),
-    (verify_module.Recording, "compare", "auto"),
+    (apply_module, "fold_affine_into", "auto", "fold"),
+    (apply_module, "_ms_norm_for", "auto", "share"),
+    (apply_module, "_ms_norm_for", "auto", "fold"),
+    (apply_module, "replace_module", "auto", "share"),
+    (apply_module, "replace_module", "auto", "fold"),
+    (apply_module, "_activation_for", "approx", "share"),
+    (apply_module, "rewrite_container", "auto", "share"),
+    (verify_module.Recording, "compare", "auto", "share"),
+    (verify_module.Recording, "compare", "auto", "fold"),
 ]
 
 
-@pytest.mark.parametrize("owner,name,mode", STAGES, ids=[n for _o, n, _m in STAGES])
+@pytest.mark.parametrize("owner,name,mode,norms", STAGES, ids=[f"{n}-{norms}" for _o, n, _m, norms in STAGES])
 @pytest.mark.parametrize("when", ["first", "last"])
-def test_a_failure_at_any_stage_leaves_the_model_exactly_as_it_was(monkeypatch, owner, name, mode, when) -> None:
+def test_a_failure_at_any_stage_leaves_the_model_exactly_as_it_was(monkeypatch, owner, name, mode, norms, when) -> None:
     model = _model()
     real = getattr(owner, name)
     calls = {"n": 0}
-    total = _count_calls(owner, name, mode)
+    total = _count_calls(owner, name, mode, norms)
     fail_at = 1 if when == "first" else total
 
     def failing(*args, **kwargs):
@@ -78,14 +83,14 @@ def test_a_failure_at_any_stage_leaves_the_model_exactly_as_it_was(monkeypatch, 
     rng = torch.get_rng_state()
     classes = [type(m) for m in model.modules()]
     with pytest.raises(RuntimeError, match="injected failure"):
-        convert(model, example_inputs=_x(), activations=mode)
+        convert(model, example_inputs=_x(), activations=mode, norms=norms)
     assert_same_fingerprint(before, fingerprint(model))
     assert [type(m) for m in model.modules()] == classes
     assert not hasattr(model, "lowmembp_report")
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def _count_calls(owner, name, mode) -> int:
+def _count_calls(owner, name, mode, norms) -> int:
     model, count = _model(), {"n": 0}
     real = getattr(owner, name)
 
@@ -95,7 +100,7 @@ def _count_calls(owner, name, mode) -> int:
 
     setattr(owner, name, counting)
     try:
-        convert(model, example_inputs=_x(), activations=mode)
+        convert(model, example_inputs=_x(), activations=mode, norms=norms)
     finally:
         setattr(owner, name, real)
     assert count["n"] >= 1, f"{name} was never called"
@@ -126,15 +131,41 @@ def test_a_verify_failure_names_the_module_rolls_back_and_suggests_filter_fn(mon
 
     monkeypatch.setattr(apply_module, "fold_affine_into", wrong_fold)
     with pytest.raises(ConversionError, match="first diverging module") as info:
-        convert(model, example_inputs=_x())
+        convert(model, example_inputs=_x(), norms="fold")
+    assert "filter_fn" in str(info.value) and "rolled back" in str(info.value)
+    assert_same_fingerprint(before, fingerprint(model))
+
+
+def test_a_verify_failure_in_a_kept_affine_norm_names_it_and_rolls_back(monkeypatch) -> None:
+    """The default edits no weight; a wrong MS norm (here: the wrong eps) is still caught and undone."""
+    model = _model()
+    before = fingerprint(model)
+    real = apply_module._ms_norm_for
+
+    def wrong_norm(*args, **kwargs):
+        ms = real(*args, **kwargs)
+        ms.eps = 1.0
+        return ms
+
+    monkeypatch.setattr(apply_module, "_ms_norm_for", wrong_norm)
+    with pytest.raises(ConversionError, match="first diverging module") as info:
+        convert(model, example_inputs=_x(), activations=False)
+    assert "norm1" in str(info.value)
     assert "filter_fn" in str(info.value) and "rolled back" in str(info.value)
     assert_same_fingerprint(before, fingerprint(model))
 
 
 def test_verify_is_on_by_default_and_copies_nothing(monkeypatch) -> None:
     monkeypatch.setattr(copy, "deepcopy", _no_model_copies(copy.deepcopy))
-    model = convert(_model(), example_inputs=_x())
+    model = _model()
+    params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    convert(model, example_inputs=_x())
     assert any(n.startswith("verified:") for n in model.lowmembp_report.notes)
+    assert {s.action for s in model.lowmembp_report.plan.norms} == {"keep_affine"}
+    # the default reparameterizes nothing: the same Parameter objects, the same values
+    assert list(dict(model.named_parameters())) == list(params)
+    for name, p in model.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]), name
 
 
 def _no_model_copies(real):
@@ -193,8 +224,9 @@ def test_recorded_outputs_are_cloned_no_false_alarm() -> None:
 def test_a_meta_model_skips_verification_with_a_note() -> None:
     with torch.device("meta"):
         model = Block()
-    convert(model, example_inputs=_x())
+    convert(model, example_inputs=((_x()[0][0].to("meta"),), {}))
     assert any("meta device" in n for n in model.lowmembp_report.notes)
+    assert {s.action for s in model.lowmembp_report.plan.norms} == {"keep_affine"}  # converted, unverified
 
 
 def test_bfloat16_models_are_judged_at_bfloat16_rounding() -> None:

@@ -16,15 +16,16 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", ["llama", "timm_vit"])
-def test_converting_twice_changes_nothing_the_second_time(name: str) -> None:
+def test_converting_twice_changes_nothing_the_second_time(name: str, norms: str) -> None:
     family = FAMILIES[name]
     original = family.make()
-    model = convert(copy.deepcopy(original))
+    model = convert(copy.deepcopy(original), norms=norms)
     first = model.lowmembp_report
     assert first.changed
     state, modules = _state(model), [type(m) for m in model.modules()]
-    convert(model)
+    convert(model, norms=norms)
     second = model.lowmembp_report
     assert second is not first
     assert (second.changed, second.converted_norms, second.converted_activations) == (False, 0, 0)
@@ -48,16 +49,25 @@ def test_a_model_with_nothing_to_convert_gets_a_clear_report() -> None:
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
-def test_a_norm_whose_model_cannot_be_traced_is_skipped_with_the_reason() -> None:
-    """A plain Sequential says nothing about its inputs: the norm is reported, the GELU still converts."""
+def test_a_model_that_cannot_be_traced_stays_stock_with_a_warning() -> None:
+    """A plain Sequential says nothing about its inputs: nothing exact can be proven, so the norm and
+    the GELU both stay stock (never the 2-bit approximation unasked), each with its reason, and
+    convert() warns about it rather than saving nothing silently."""
     model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    convert(model)
+    state = _state(model)
+    with pytest.warns(UserWarning, match=r"could not capture the graph of Sequential .*2 site\(s\) left stock"):
+        convert(model)
     report = model.lowmembp_report
     (site,) = report.plan.norms
     assert site.action == "skip" and "graph capture failed" in site.reason
+    (activation,) = report.plan.activations
+    assert activation.action == "skip" and activation.reason.startswith("left stock (exact): graph capture failed")
+    assert "activations='approx'" in activation.reason, "the reason names the opt-in"
     assert report.plan.capture.startswith("failed: cannot build example inputs for Sequential")
     assert "example_inputs" in report.plan.capture, "the report says how to fix it"
-    assert type(model[0]) is nn.LayerNorm and report.converted_activations == 1
+    assert [type(m) for m in model] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear]
+    assert (report.converted_norms, report.converted_activations) == (0, 0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_filter_fn_excludes_exactly_what_it_says() -> None:
@@ -132,22 +142,32 @@ def _logits_only_inputs() -> tuple[tuple, dict]:
     return (), {"input_ids": ids, "use_cache": False}
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_tied_embedding_is_never_touched_by_default(name: str) -> None:
+def test_tied_embedding_is_never_touched_by_default(name: str, norms: str) -> None:
+    """Without untie_embeddings: the default folds nothing at all; norms="fold" keeps the final norm's
+    affine (its output is a model output), so the tied head is not folded into either."""
     model, norm, embedding, head = _tied(name)
     original = copy.deepcopy(model)
     # default example inputs return every hidden state, the last one being the final norm's output
-    convert(model)
+    convert(model, norms=norms)
     site = model.lowmembp_report.plan.norm(norm)
-    assert site.action == "keep_affine" and "returned from the model's forward" in site.reason
+    assert site.action == "keep_affine"
+    if norms == "fold":
+        assert "returned from the model's forward" in site.reason
     # user inputs asking for logits only: hidden states are still protected (a user may ask for them later)
-    convert(original_copy := copy.deepcopy(original), example_inputs=_logits_only_inputs())
+    convert(original_copy := copy.deepcopy(original), example_inputs=_logits_only_inputs(), norms=norms)
     site = original_copy.lowmembp_report.plan.norm(norm)
-    assert site.action == "keep_affine" and "returned from the model's forward" in site.reason
+    assert site.action == "keep_affine"
+    if norms == "fold":
+        assert "returned from the model's forward" in site.reason
     for converted in (model, original_copy):
         assert converted.get_parameter(head) is converted.get_parameter(embedding)
         assert torch.equal(converted.get_parameter(embedding), original.get_parameter(embedding))
         assert converted.config.tie_word_embeddings
+        if norms == "share":  # nothing reparameterized anywhere
+            assert _state(converted).keys() == _state(original).keys()
+            assert all(torch.equal(v, original.state_dict()[k]) for k, v in _state(converted).items())
 
 
 def _roberta_mlm() -> nn.Module:
@@ -168,7 +188,7 @@ def test_untie_embeddings_folds_into_a_copy_of_the_head() -> None:
     model = _roberta_mlm()
     original = copy.deepcopy(model)
     embedding, head = "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"
-    convert(model, untie_embeddings=True)
+    convert(model, untie_embeddings=True, norms="fold")
     report = model.lowmembp_report
     site = report.plan.norm("lm_head.layer_norm")
     assert site.action == "fold" and [c.module for c in site.consumers] == ["lm_head.decoder"]
@@ -181,12 +201,16 @@ def test_untie_embeddings_folds_into_a_copy_of_the_head() -> None:
         assert relative_error(original(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
 
 
-def test_tied_masked_lm_head_is_not_untied_by_default() -> None:
+@pytest.mark.parametrize("norms", ["share", "fold"])
+def test_tied_masked_lm_head_is_not_untied_by_default(norms: str) -> None:
     model = _roberta_mlm()
     original = copy.deepcopy(model)
-    convert(model)
+    convert(model, norms=norms)
     site = model.lowmembp_report.plan.norm("lm_head.layer_norm")
-    assert site.action == "keep_affine" and "(tied or reused weights)" in site.reason
+    assert site.action == "keep_affine"
+    if norms == "fold":  # it would fold but for the tie
+        assert "(tied or reused weights)" in site.reason
+    assert not any(note.startswith("untied") for note in model.lowmembp_report.notes)
     assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
     assert torch.equal(model.lm_head.decoder.weight, original.lm_head.decoder.weight)
 
@@ -194,6 +218,6 @@ def test_tied_masked_lm_head_is_not_untied_by_default() -> None:
 def test_untie_embeddings_does_not_override_a_returned_hidden_state() -> None:
     """With the default example inputs (all hidden states returned) the final norm stays exact."""
     model, norm, embedding, head = _tied("gpt2")
-    convert(model, untie_embeddings=True)
+    convert(model, untie_embeddings=True, norms="fold")
     assert model.lowmembp_report.plan.norm(norm).action == "keep_affine"
     assert model.get_parameter(head) is model.get_parameter(embedding)

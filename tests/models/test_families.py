@@ -1,10 +1,12 @@
 """convert() on tiny models of every supported family, judged against the unconverted model.
 
-Per family (tiny_zoo.FAMILIES): what the analysis decides (every activation module converted, every
-norm converted unless the architecture gives a reason we name in advance), exact forward (fp32, max
-relative error < 1e-5 against a deep copy taken before convert), ``verify=True`` passing, a
-training step, and, for the norm-only conversion, gradients that match the original model's by the
-chain rule through the fold (the strongest oracle here: it checks dW, db, dgamma, dbeta and every
+Per family (tiny_zoo.FAMILIES) and per norm mode (the default ``norms="share"`` and ``norms="fold"``):
+what the analysis decides (every activation module converted unless the family names why recompute
+is impossible there, every norm converted unless the architecture gives a reason we name in
+advance), exact forward (fp32, max relative error < 1e-5 against a deep copy taken before convert),
+``verify=True`` passing, training steps, and, for the norm-only conversion, gradients that match the
+original model's: equal under the default (no parameter changes), by the chain rule through the fold
+under ``norms="fold"`` (the strongest oracle here: it checks dW, db, dgamma, dbeta and every
 untouched parameter, the input embedding included).
 """
 
@@ -34,47 +36,63 @@ import lowmembp_convert
 from lowmembp_convert import ConversionError, convert
 
 NAMES = sorted(FAMILIES)
+MODES = ("share", "fold")  # norms=: the default, and the paper's fold on request
 FORWARD_RTOL = 1e-5
+TRAJECTORY_RTOL = 1e-4  # three AdamW steps of exact gradients: rounding only
 
 
 @functools.cache
-def _pair(name: str) -> tuple[nn.Module, nn.Module]:
-    """(original, converted with verify=True); tests deep-copy before changing either."""
-    family = FAMILIES[name]
-    original = family.make()
-    converted = convert(copy.deepcopy(original), verify=True)
+def _original(name: str) -> nn.Module:
+    return FAMILIES[name].make()
+
+
+@functools.cache
+def _pair(name: str, norms: str = "share") -> tuple[nn.Module, nn.Module]:
+    """(original, converted with verify=True and ``norms``); tests deep-copy before changing either."""
+    original = _original(name)
+    converted = convert(copy.deepcopy(original), verify=True, norms=norms)
     return original, converted
 
 
+@pytest.mark.parametrize("norms", MODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_every_activation_and_every_foldable_norm_is_converted(name: str) -> None:
+def test_every_activation_and_every_foldable_norm_is_converted(name: str, norms: str) -> None:
     family = FAMILIES[name]
-    original, converted = _pair(name)
+    original, converted = _pair(name, norms)
     report = converted.lowmembp_report
     plan = report.plan
 
     activations = activation_modules(original)
     assert activations, "the family has activation modules"
-    assert sorted(s.module for s in plan.activations if s.action == "convert") == sorted(activations)
-    # each site is either swapped (2-bit approx) or recomputed by its consumer (the container's forward,
-    # or a hand-off between two modules)
+    assert sorted(s.module for s in plan.activations) == sorted(activations)
+    stock = [a for a in activations if family.stock_activation(a) is not None]
+    assert sorted(s.module for s in plan.activations if s.action == "convert") == sorted(set(activations) - set(stock))
+    # activations="auto" never approximates: each converted site is recomputed by its consumer (the
+    # container's forward, or a hand-off between two modules); the others stay stock and say that
+    # activations="approx" would keep fewer bytes
     for site in plan.activations:
         module = converted.get_submodule(site.module)
-        if site.option == "approx":
-            assert not is_activation_module(module), f"{site.module} was planned approx but left"
-        elif site.recompute.layout == "handoff":  # across modules: the activation hands its input over
+        if site.action == "skip":
+            assert is_activation_module(module), f"{site.module} was left stock but replaced"
+            assert re.search(family.stock_activation(site.module), site.reason), site.reason
+            assert site.reason.startswith("left stock (exact)"), site.reason
+            assert "activations='approx' would keep fewer bytes" in site.reason, site.reason
+            assert site.estimate["approx"] < site.estimate["stock"], site.estimate
+            continue
+        assert site.option == "recompute", f"{site.module}: {site.option} ({site.reason})"
+        if site.recompute.layout == "handoff":  # across modules: the activation hands its input over
             assert type(module).__name__ == "HandoffActivation", site.module
             assert type(converted.get_submodule(site.recompute.consumer)).__name__ == "HandoffLinear"
         else:
             container = converted.get_submodule(site.recompute.container)
             assert site.recompute in getattr(container, "lowmembp_recompute", ()), site.module
 
-    norms = norm_modules(original)
-    assert sorted(s.module for s in plan.norms) == sorted(norms)
-    expected_skips = [n for n in norms if family.expected(n)[0] == "skip"]
-    assert report.converted_norms == len(norms) - len(expected_skips)
+    norms_found = norm_modules(original)
+    assert sorted(s.module for s in plan.norms) == sorted(norms_found)
+    expected_skips = [n for n in norms_found if family.expected(n, norms)[0] == "skip"]
+    assert report.converted_norms == len(norms_found) - len(expected_skips)
     for site in plan.norms:
-        action, reason = family.expected(site.module)
+        action, reason = family.expected(site.module, norms)
         assert site.action == action, f"{site.module}: {site.action} ({site.reason})"
         assert re.search(reason, site.reason), f"{site.module}: reason {site.reason!r} !~ {reason!r}"
         module = converted.get_submodule(site.module)
@@ -84,12 +102,35 @@ def test_every_activation_and_every_foldable_norm_is_converted(name: str) -> Non
         if action != "skip":
             assert site.consumers, site.module
     assert any("verified: max relative output error" in note for note in report.notes)
+    if norms == "share":  # the default reparameterizes nothing: the state dict is the stock one
+        before, after = original.state_dict(), converted.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert [n for n, _ in converted.named_parameters()] == [n for n, _ in original.named_parameters()]
+        assert "parameters: the stock ones" in str(report)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_equals_original(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(n for n in NAMES if FAMILIES[n].stock_activations))
+def test_approx_on_request_converts_the_sites_auto_leaves_stock(name: str) -> None:
     family = FAMILIES[name]
-    original, converted = _pair(name)
+    original = _original(name)
+    converted = convert(copy.deepcopy(original), activations="approx", norms=False, verify=True)
+    plan = converted.lowmembp_report.plan
+    assert sorted(s.module for s in plan.activations if s.action == "convert") == sorted(activation_modules(original))
+    for site in plan.activations:
+        assert site.option == "approx", site.module
+        assert not is_activation_module(converted.get_submodule(site.module)), f"{site.module} was planned approx but left"
+    assert "APPROXIMATE (2-bit, activations='approx')" in str(converted.lowmembp_report)
+    inputs = family.inputs(1, 3)
+    with torch.no_grad():  # the 2-bit option approximates the backward only
+        assert relative_error(forward(original, inputs), forward(converted, inputs)) < FORWARD_RTOL
+
+
+@pytest.mark.parametrize("norms", MODES)
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_equals_original(name: str, norms: str) -> None:
+    family = FAMILIES[name]
+    original, converted = _pair(name, norms)
     inputs = family.inputs(1, 3)
     with torch.no_grad():
         ref, got = forward(original, inputs), forward(converted, inputs)
@@ -107,10 +148,11 @@ def test_forward_equals_original(name: str) -> None:
             assert relative_error(original.forward_features(*args), converted.forward_features(*args)) < FORWARD_RTOL
 
 
+@pytest.mark.parametrize("norms", MODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_training_steps_run_and_descend(name: str) -> None:
+def test_training_steps_run_and_descend(name: str, norms: str) -> None:
     family = FAMILIES[name]
-    original, converted = (copy.deepcopy(m).train() for m in _pair(name))
+    original, converted = (copy.deepcopy(m).train() for m in _pair(name, norms))
     inputs = family.inputs(2, 4)
     losses: dict[str, list[float]] = {}
     for label, model in (("original", original), ("converted", converted)):
@@ -125,7 +167,8 @@ def test_training_steps_run_and_descend(name: str) -> None:
             assert all(torch.isfinite(g).all() for g in grads.values()), label
             if label == "converted" and step == 0:
                 had_grad = {n for n, p in original.named_parameters() if p.grad is not None}
-                # every trainable parameter of the original still trains (folded norm affines are gone)
+                # every trainable parameter of the original still trains (folded norm affines are gone;
+                # the default folds nothing, so every one of them)
                 folded = {s.weight for s in converted.lowmembp_report.plan.norms if s.action == "fold"} | {
                     s.bias for s in converted.lowmembp_report.plan.norms if s.action == "fold" and s.fold_bias
                 }
@@ -135,15 +178,22 @@ def test_training_steps_run_and_descend(name: str) -> None:
     # the forward is exact, so the first loss (train mode, same dropout masks) is the original's
     assert losses["converted"][0] == pytest.approx(losses["original"][0], rel=FORWARD_RTOL)
     assert losses["converted"][-1] < losses["converted"][0], losses
+    if norms == "share":  # same parameters, exact gradients: the stock trajectory
+        assert losses["converted"] == pytest.approx(losses["original"], rel=TRAJECTORY_RTOL), losses
 
 
+@pytest.mark.parametrize("norms", MODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_norm_only_conversion_gradients_follow_the_chain_rule(name: str) -> None:
+def test_norm_only_conversion_gradients_follow_the_chain_rule(name: str, norms: str) -> None:
+    """Under the default the converted gradients are the original's (nothing folded: the oracle
+    reduces to equality); under norms="fold" they follow the chain rule through the fold."""
     family = FAMILIES[name]
-    original = copy.deepcopy(_pair(name)[0])
-    converted = convert(copy.deepcopy(original), activations=False)
+    original = copy.deepcopy(_original(name))
+    converted = convert(copy.deepcopy(original), activations=False, norms=norms)
     plan = converted.lowmembp_report.plan
     assert not plan.activations and any(s.action != "skip" for s in plan.norms)
+    if norms == "share":
+        assert not any(s.action == "fold" for s in plan.norms)
     inputs = family.inputs(3, 2)
     for model in (original, converted):
         projection_loss(forward(model, inputs)).backward()
@@ -173,9 +223,9 @@ def test_verify_names_the_first_diverging_module(name: str, monkeypatch: pytest.
         return weight * 2, bias  # a scaling bug in every folded weight
 
     monkeypatch.setattr(apply, "fold_affine_into", wrong_fold)
-    model = copy.deepcopy(_pair(name)[0])
+    model = copy.deepcopy(_original(name))
     with pytest.raises(ConversionError, match=rf"first diverging module: {re.escape(VERIFY_FIRST_CONSUMER[name])} "):
-        convert(model, verify=True)
+        convert(model, verify=True, norms="fold")
 
 
 def test_public_api_is_exported() -> None:

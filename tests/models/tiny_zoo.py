@@ -121,8 +121,12 @@ class Family:
         inputs: ``inputs(seed, batch)`` -> (args, kwargs) of one forward.
         labels: ``labels(logits, seed)`` -> class targets for a cross-entropy loss.
         embedding: parameter name of the input (token or patch) embedding.
-        keep: norm-name regex -> regex its keep_affine reason must match.
-        skip: norm-name regex -> regex its skip reason must match.
+        keep: norm-name regex -> regex its keep_affine reason must match (``norms="fold"``).
+        skip: norm-name regex -> regex its skip reason must match (both norm modes).
+        share_skip: norm-name regex -> the skip reason under ``norms="share"`` where it differs from
+            the ``skip`` one (the fold's "cannot fold (...)" preamble is not there).
+        stock_activations: activation-name regex -> regex of the reason ``activations="auto"`` (exact
+            options only) leaves it stock: recompute is impossible there; only ``"approx"`` converts it.
         weight_offset: 1.0 where the norms scale by (1 + w).
     """
 
@@ -132,19 +136,37 @@ class Family:
     embedding: str
     keep: dict[str, str] = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
+    share_skip: dict[str, str] = field(default_factory=dict)
+    stock_activations: dict[str, str] = field(default_factory=dict)
     weight_offset: float = 0.0  # the norms scale by (weight + weight_offset): 1.0 for Gemma
 
     def make(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         return randomize_affine(self.build(), seed).eval()
 
-    def expected(self, norm: str) -> tuple[str, str]:
-        """(action, reason regex) this norm must get."""
-        for table, action in ((self.keep, "keep_affine"), (self.skip, "skip")):
+    def expected(self, norm: str, norms: str = "fold") -> tuple[str, str]:
+        """(action, reason regex) this norm must get with ``convert(norms=norms)``.
+
+        ``"fold"``: as the ``keep`` / ``skip`` tables say, every other norm folded. ``"share"`` (the
+        default): the same norms are skipped (``share_skip`` overriding the reason) and every other
+        one keeps its affine, for no reason but that it is the default (an empty reason).
+        """
+        tables = ((self.keep, "keep_affine"), (self.skip, "skip"))
+        if norms == "share":
+            tables = ((self.share_skip, "skip"), (self.skip, "skip"))
+        for table, action in tables:
             for pattern, reason in table.items():
                 if re.fullmatch(pattern, norm):
                     return action, reason
-        return "fold", ""
+        return ("keep_affine", "^$") if norms == "share" else ("fold", "")
+
+    def stock_activation(self, module: str) -> str | None:
+        """The reason regex ``activations="auto"`` must give for leaving this site stock, or None
+        when the site is converted (recomputed)."""
+        for pattern, reason in self.stock_activations.items():
+            if re.fullmatch(pattern, module):
+                return reason
+        return None
 
 
 def _text_inputs(vocab: int, low: int = 0) -> Callable[[int, int], Inputs]:
@@ -235,6 +257,11 @@ FAMILIES: dict[str, Family] = {
             inputs=_text_inputs(VOCAB),
             embedding="transformer.wte.weight",
             keep={"transformer.ln_f": _RETURNED},
+            # NewGELUActivation writes tanh-GELU out by hand: a recompute with torch's op is not exact
+            stock_activations={
+                r"transformer\.h\.\d\.mlp\.act": r"recompute is not possible here \(NewGELUActivation is not "
+                r"torch's gelu_tanh bit for bit\)"
+            },
         ),
         # BERT / RoBERTa: post-norm. Each encoder norm's output feeds the next block's Linear *and* its
         # residual add, so the affine stays in the norm. The embeddings norm reaches its consumers
@@ -333,6 +360,13 @@ FAMILIES: dict[str, Family] = {
                 ),
                 "norm": r"cannot fold \(returned from the model's forward\) and no Linear receives the output itself",
             },
+            # without the fold nothing is saved where the window partition copies norm1's output on its
+            # way to qkv, nor for the (pooled) final norm
+            share_skip={
+                r"norm|layers\.\d\.blocks\.0\.norm1": (
+                    r"^no Linear receives the output itself \(it is copied on the way\), so nothing is shared"
+                )
+            },
         ),
         # ConvNeXt with nn.LayerNorm + Linear MLPs (conv_mlp=False) and with LayerNorm2d + 1x1 convs;
         # the stem norm feeds the first block's depthwise conv and its residual.
@@ -356,6 +390,11 @@ FAMILIES: dict[str, Family] = {
                 r"stem\.1": r"affine kept in the norm: add in stages\.0\.blocks\.0",
                 # forward_head(pre_logits=True) returns the normed, pooled features: kept exact
                 r"head\.norm": _RETURNED,
+            },
+            # the MLP's activation feeds a 1x1 conv, which no recompute is proven for
+            stock_activations={
+                r"stages\.\d\.blocks\.0\.mlp\.act": r"recompute is not possible here \(its output does not go "
+                r"\(alone, or through one gating multiply\) into a Linear\)"
             },
         ),
     ]
