@@ -80,6 +80,8 @@ COLUMNS = [
     Column("auto", "auto (default)", lambda w, m: _convert(m)),
     Column("recompute", "recompute", lambda w, m: _convert(m, activations="recompute")),
     Column("norms", "norms only", lambda w, m: _convert(m, activations=False)),
+    # the previous default, for comparison: auto with the norm affines folded (the paper's form)
+    Column("fold", "auto + fold", lambda w, m: _convert(m, norms="fold")),
     Column("ckpt", "grad ckpt", _checkpointed),
     Column("compile", "compile (budget 1.0)", lambda w, m: _compiled(m), compiles=True),
     Column("compile_budget_0.5", "compile, budget 0.5", lambda w, m: _compiled(m), compiles=True, memory_budget=0.5),
@@ -89,7 +91,7 @@ COLUMNS = [
     ),
     Column("compile_auto", "compile + auto", lambda w, m: _compiled(_convert(m)), compiles=True),
 ]
-# run unless --columns says otherwise; "recompute", "norms" and "compile_approx" are on request
+# run unless --columns says otherwise; "recompute", "norms", "fold" and "compile_approx" are on request
 DEFAULT_COLUMNS = [
     "eager",
     "approx",
@@ -499,6 +501,7 @@ PARETO_STYLE = {
     "auto": ("auto (default)", "tab:green", "D"),
     "recompute": ("recompute", "tab:olive", "d"),
     "norms": ("norms only", "tab:cyan", "v"),
+    "fold": ("auto + fold", "tab:olive", "s"),
     "ckpt": ("grad ckpt", "tab:red", "^"),
     "compile": ("compile, budget 1.0", "tab:blue", "P"),
     "compile_budget_0.5": ("compile, budget 0.5", "tab:purple", "P"),

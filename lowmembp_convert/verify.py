@@ -190,10 +190,13 @@ class Recording:
     model_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
 
-    def tolerance(self, tensor: torch.Tensor, rtol: float | None) -> float:
+    def tolerance(self, tensor: torch.Tensor, rtol: float | None, other: torch.Tensor | None = None) -> float:
+        """``rtol``, or the default of the lowest precision among the model, the recorded tensor and
+        its replayed counterpart (a norm under autocast emits the autocast dtype its consumers cast to)."""
         if rtol is not None:
             return rtol
-        return max(default_rtol(tensor.dtype), default_rtol(self.model_dtype))
+        dtypes = [tensor.dtype, self.model_dtype] + ([other.dtype] if other is not None else [])
+        return max(default_rtol(d) for d in dtypes)
 
     def compare(
         self,
@@ -224,7 +227,7 @@ class Recording:
             other = candidate.outputs.get(name)
             if other is None or name in candidate.by_design or other.shape != tensor.shape:
                 continue
-            error, tol = relative_error(tensor, other), self.tolerance(tensor, rtol)
+            error, tol = relative_error(tensor, other), self.tolerance(tensor, rtol, other)
             if error > tol:
                 module = model.get_submodule(name)
                 raise ConversionError(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd
 from lowmembp_convert.ops.norms import ill_conditioned_channels, ms_layer_norm, ms_rms_norm
 
-__all__ = ["MSLayerNorm", "MSRMSNorm"]
+__all__ = ["FoldedNormsGuard", "MSLayerNorm", "MSRMSNorm"]
 
 
 class _MSNorm(nn.Module):
@@ -111,9 +111,11 @@ class _MSNorm(nn.Module):
         else:
             self.register_parameter(name, None)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        # A folded affine's buffer must stay identity: loading a stock (unfolded) norm weight here
-        # would silently compute something else, since the consumers already hold the fold.
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        """Raise if ``state_dict`` would give a folded affine a non-identity value.
+
+        A folded affine's buffer must stay identity: loading a stock (unfolded) norm weight here
+        would silently compute something else, since the consumers already hold the fold."""
         for name, used in (("weight", self.affine_weight), ("bias", self.affine_bias)):
             incoming = state_dict.get(prefix + name)
             if used or incoming is None or getattr(self, name, None) is None or incoming.device.type == "meta":
@@ -121,10 +123,14 @@ class _MSNorm(nn.Module):
             identity = (1.0 - self.weight_offset) if name == "weight" else 0.0
             if not torch.all(incoming == identity):
                 raise RuntimeError(
-                    f"{prefix}{name}: this norm's affine was folded into its consumers by lowmembp_convert, but "
-                    "the state dict holds a non-identity value (an unconverted checkpoint). Load the checkpoint "
-                    "before convert(), or convert it with `lowmembp-convert` first."
+                    f"{prefix}{name}: this norm's affine was folded into its consumers by lowmembp_convert "
+                    "(norms='fold'), but the state dict holds a non-identity value (an unconverted checkpoint); "
+                    "nothing was loaded. Load the checkpoint before convert(), convert it with `lowmembp-convert` "
+                    "first, or convert with the default norms='share', which keeps the stock parameters."
                 )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        self.check_incoming(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def _eps_for(self, x: torch.Tensor) -> float:
@@ -220,3 +226,26 @@ class MSRMSNorm(_MSNorm):
     """
 
     _rms = True
+
+
+class FoldedNormsGuard:
+    """``load_state_dict`` pre-hook on a model with folded norms: checks every folded norm's incoming
+    affine before anything is copied, so a refused state dict leaves the model untouched (the norms'
+    own check runs only when loading reaches them, after earlier modules were loaded)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __call__(self, module, state_dict, prefix, *_args) -> None:
+        for name, child in self._model.named_modules():
+            if isinstance(child, _MSNorm):
+                child.check_incoming(state_dict, f"{prefix}{name}." if name else prefix)
+
+    def __repr__(self) -> str:
+        return "FoldedNormsGuard()"
+
+    @staticmethod
+    def registered_on(model: nn.Module) -> list[FoldedNormsGuard]:
+        """The guards registered on ``model`` (torch wraps each pre-hook in a ``_WrappedHook``)."""
+        hooks = (getattr(h, "hook", h) for h in model._load_state_dict_pre_hooks.values())
+        return [h for h in hooks if isinstance(h, FoldedNormsGuard)]

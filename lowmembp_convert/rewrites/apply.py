@@ -14,7 +14,7 @@ from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
 from ..nn.handoff import HandoffActivation, HandoffLinear, link
 from ..nn.linear import TwinLinear
-from ..nn.norms import MSLayerNorm, MSRMSNorm
+from ..nn.norms import FoldedNormsGuard, MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
 from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
@@ -214,6 +214,12 @@ def apply_plan(
         twin = site.action == "keep_affine" and not site.autocast_output and _twin_linears(model, site, notes) > 0
         ms = _ms_norm_for(norm, site, min_abs_weight, autocast_twin=twin)
         replace_module(model, norm, ms)
+    if any(s.action == "fold" for s in plan.norms) and not FoldedNormsGuard.registered_on(model):
+        model.register_load_state_dict_pre_hook(FoldedNormsGuard(model))
+        notes.append(
+            "norms='fold': a load_state_dict pre-hook (FoldedNormsGuard) checks every folded norm's incoming "
+            "weights before anything is copied, so a stock state dict is refused whole"
+        )
     containers: dict[str, list] = {}
     for site in plan.activations:
         if site.action != "convert":

@@ -82,3 +82,17 @@ def test_an_exact_fold_passes() -> None:
     x = torch.randn(4, 6, 32)
     convert(model, norms="fold", activations=False, example_inputs=((x,), {}))
     assert model.lowmembp_report.plan.norms[0].action == "fold"
+
+
+def test_converting_inside_an_autocast_region_after_a_step_works() -> None:
+    """Autocast caches casts of the weights during a step; converting inside the same region must
+    neither trip verify (the norm now emits the autocast dtype its consumer casts to) nor change the
+    outputs (the default edits no weight, so no cached cast goes stale)."""
+    model = _model()
+    stock = copy.deepcopy(model)
+    x = torch.randn(4, 6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).sum().backward()
+        convert(model, example_inputs=((x,), {}))
+        assert type(model.norm).__name__ == "MSLayerNorm"
+        torch.testing.assert_close(model(x), stock(x), rtol=0, atol=0)

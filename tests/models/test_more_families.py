@@ -1,7 +1,8 @@
 """Families no issue names: each converts exactly, judged against the stock model, and converts something.
 
 A broad net for the generic mechanism: every model is built from a tiny config with randomised norm
-weights and biases and converted with the exact options (norms, and ``activations="recompute"``);
+weights and biases and converted with the exact options (norms, both the default ``"share"`` and
+``"fold"``, and ``activations="recompute"``);
 the test then compares, itself, every output and the gradient reaching the input embedding with a
 deep copy of the original (the package's own ``verify`` is on too, but is not the oracle). Each
 must end with at least one site converted. Architecture-specific expectations: test_families.py.
@@ -65,13 +66,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_converts_with_identical_outputs(name):
+def test_converts_with_identical_outputs(name, norms):
     torch.manual_seed(0)
     original = randomize_affine(CASES[name]())
-    model = lc.convert(copy.deepcopy(original), activations="recompute", verify_rtol=1e-5)
+    model = lc.convert(copy.deepcopy(original), activations="recompute", norms=norms, verify_rtol=1e-5)
     report = model.lowmembp_report
     assert report.changed, str(report)
+    if norms == "share":  # the default reparameterizes nothing
+        before, after = original.state_dict(), model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     for site in report.plan.norms + report.plan.activations:
         assert site.action != "skip" or site.reason, f"{site.module} skipped without a reason"
     assert_exact_conversion(original, model, example_inputs_for(original, flags=False))

@@ -1,4 +1,4 @@
-"""timm models no issue names: converted exactly (norms, activations="recompute"), judged by the test
+"""timm models no issue names: converted exactly (norms "share" and "fold", activations="recompute"), judged by the test
 against a copy of the stock model (outputs and the gradient reaching the patch embedding), and
 something converted."""
 
@@ -23,11 +23,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_timm_converts_with_identical_outputs(name):
+def test_timm_converts_with_identical_outputs(name, norms):
     torch.manual_seed(0)
     original = randomize_affine(timm.create_model(name, pretrained=False, num_classes=10, **CASES[name]))
-    model = lc.convert(copy.deepcopy(original), activations="recompute", verify_rtol=1e-5)
+    model = lc.convert(copy.deepcopy(original), activations="recompute", norms=norms, verify_rtol=1e-5)
     report = model.lowmembp_report
     assert report.converted_norms > 0, str(report)
+    if norms == "share":  # the default reparameterizes nothing
+        before, after = original.state_dict(), model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert_exact_conversion(original, model, example_inputs_for(original))

@@ -1,6 +1,7 @@
 """PEFT LoRA and convert(): converting a PeftModel, converting before get_peft_model, lora_dropout > 0.
 
-The oracle is the unconverted PeftModel with the same adapters. Folding gamma into a consumer that
+The oracle is the unconverted PeftModel with the same adapters. The default (``norms="share"``) keeps
+every parameter, adapters included, as it is. Folding (``norms="fold"``) gamma into a consumer that
 LoRA wraps must fold it into both the base weight and lora_A (both read the norm output), so the
 converted adapter is lora_A * gamma: the same function. The test steps AdamW once from PEFT's own
 init (lora_B = 0, so lora_A gets no gradient and lora_B the same one in both models) and checks the
@@ -60,13 +61,36 @@ def _step(model: nn.Module, inputs) -> float:
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_converting_a_peft_model_folds_into_base_and_lora_a(name: str) -> None:
-    """RMSNorm (LLaMA) folds into base and lora_A. GPT-2's LayerNorm has a shift, which lora_A (no
-    bias) cannot take, so there the norm keeps its affine and the adapter is left as it is."""
+def test_converting_a_peft_model_by_default_changes_no_parameter(name: str) -> None:
+    """The default shares the norm's output with base and lora_A alike, keeping its affine."""
     family = FAMILIES[name]
     oracle = _lora(family.make(), name)
     _randomize_lora_b(oracle)
     model = convert(copy.deepcopy(oracle), activations=False)
+    site = model.lowmembp_report.plan.norm(f"base_model.model.{FIRST_NORM[name]}")
+    target = FIRST_TARGET[name]
+    consumers = {c.module for c in site.consumers}
+    assert {f"base_model.model.{target}.base_layer", f"base_model.model.{target}.lora_A.default"} <= consumers
+    assert site.action == "keep_affine"
+    assert getattr(model.get_submodule(site.module), "lowmembp_converted", False)
+    before, after = oracle.state_dict(), model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in oracle.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable), "PEFT's freezing survives"
+    x = family.inputs(1, 2)
+    with torch.no_grad():
+        assert relative_error(forward(oracle, x), forward(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_converting_a_peft_model_folds_into_base_and_lora_a(name: str) -> None:
+    """norms="fold": RMSNorm (LLaMA) folds into base and lora_A. GPT-2's LayerNorm has a shift, which
+    lora_A (no bias) cannot take, so there the norm keeps its affine and the adapter is left as it is."""
+    family = FAMILIES[name]
+    oracle = _lora(family.make(), name)
+    _randomize_lora_b(oracle)
+    model = convert(copy.deepcopy(oracle), activations=False, norms="fold")
     site = model.lowmembp_report.plan.norm(f"base_model.model.{FIRST_NORM[name]}")
     target = FIRST_TARGET[name]
     consumers = {c.module for c in site.consumers}
@@ -90,11 +114,12 @@ def test_converting_a_peft_model_folds_into_base_and_lora_a(name: str) -> None:
         assert relative_error(forward(oracle, x), forward(model, x)) < 1e-5
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_converted_peft_model_trains_like_the_unconverted_one(name: str) -> None:
+def test_converted_peft_model_trains_like_the_unconverted_one(name: str, norms: str) -> None:
     family = FAMILIES[name]
     oracle = _lora(family.make(), name).train()
-    model = convert(copy.deepcopy(oracle), activations=False).train()
+    model = convert(copy.deepcopy(oracle), activations=False, norms=norms).train()
     x = family.inputs(2, 2)
     assert _step(model, x) == pytest.approx(_step(oracle, x), rel=1e-5)
     lora_b = [n for n, p in oracle.named_parameters() if "lora_B" in n]
@@ -103,18 +128,21 @@ def test_converted_peft_model_trains_like_the_unconverted_one(name: str) -> None
         assert relative_error(forward(oracle.eval(), x), forward(model.eval(), x)) < 1e-5
 
 
+@pytest.mark.parametrize("norms", ["share", "fold"])
 @pytest.mark.parametrize("name", ["llama"])
-def test_converting_before_get_peft_model(name: str) -> None:
-    """lora_A then reads x_hat instead of gamma * x_hat: with lora_A' = lora_A * gamma it is the same model."""
+def test_converting_before_get_peft_model(name: str, norms: str) -> None:
+    """Under the default lora_A reads the norm's output as in the stock model: the same adapters give the
+    same model. Under norms="fold" lora_A reads x_hat instead of gamma * x_hat: with lora_A' = lora_A *
+    gamma it is the same model."""
     family = FAMILIES[name]
     base = family.make()
     oracle = _lora(copy.deepcopy(base), name).train()
-    model = _lora(convert(copy.deepcopy(base), activations=False), name).train()
+    model = _lora(convert(copy.deepcopy(base), activations=False, norms=norms), name).train()
     assert getattr(model.get_submodule(f"base_model.model.{FIRST_NORM[name]}"), "lowmembp_converted", False)
     x = family.inputs(4, 2)
     with torch.no_grad():
         assert relative_error(forward(oracle, x), forward(model, x)) < 1e-5  # lora_B = 0 at init
-        for layer in range(2):
+        for layer in range(2 if norms == "fold" else 0):  # the default: the same adapters as they are
             norm = oracle.get_submodule(f"base_model.model.model.layers.{layer}.input_layernorm")
             for proj in TARGETS[name]:
                 target = f"model.layers.{layer}.self_attn.{proj}"
@@ -126,10 +154,11 @@ def test_converting_before_get_peft_model(name: str) -> None:
         assert relative_error(forward(oracle, x), forward(model, x)) < 1e-5
 
 
-def test_lora_dropout_above_zero_leaves_the_norm_unconverted_with_the_reason() -> None:
+@pytest.mark.parametrize("norms", ["share", "fold"])
+def test_lora_dropout_above_zero_leaves_the_norm_unconverted_with_the_reason(norms: str) -> None:
     family = FAMILIES["llama"]
     oracle = _lora(family.make(), "llama", dropout=0.1)
-    model = convert(copy.deepcopy(oracle), activations=False)
+    model = convert(copy.deepcopy(oracle), activations=False, norms=norms)
     plan = model.lowmembp_report.plan
     for layer in range(2):
         site = plan.norm(f"base_model.model.model.layers.{layer}.input_layernorm")
@@ -138,8 +167,9 @@ def test_lora_dropout_above_zero_leaves_the_norm_unconverted_with_the_reason() -
             f"sharing would break: dropout in base_model.model.model.layers.{layer}.self_attn.q_proj"
             ".lora_dropout.default (p=0.1) sits between the norm and its consumer"
         )
-        # the MLP norm has no adapter in front of its consumers and still folds
-        assert plan.norm(f"base_model.model.model.layers.{layer}.post_attention_layernorm").action == "fold"
+        # the MLP norm has no adapter in front of its consumers and still converts (folds, on request)
+        expected = "fold" if norms == "fold" else "keep_affine"
+        assert plan.norm(f"base_model.model.model.layers.{layer}.post_attention_layernorm").action == expected
     x = family.inputs(5, 2)
     with torch.no_grad():
         assert relative_error(forward(oracle.eval(), x), forward(model.eval(), x)) < 1e-5

@@ -240,6 +240,18 @@ def test_norm_and_linear_keep_one_bf16_tensor_through_any_view(view: str, kind: 
     saved = _saved(twin, x)
     assert (saved.total, saved.storages) == (expected, 2), saved
     assert saved.by_dtype == {"bfloat16": ROWS * D * 2, "float32": ROWS * 4}
+    # besides those, the norm saves its kept channels (indices and x_hat): empty for this well-conditioned weight
+    empty = []
+
+    def pack(t):
+        if t.numel() == 0:
+            empty.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=LOW):
+            twin(x.clone().requires_grad_(True))
+    assert len(empty) == 2 and sorted(t.is_floating_point() for t in empty) == [False, True]
     # without the twin: fp32 y + rstd + the Linear's bf16 cast(s) of y + its bf16 weight copy
     assert _saved(reference, x).total >= ROWS * D * (4 + 2) + ROWS * 4
 

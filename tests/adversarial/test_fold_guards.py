@@ -1,0 +1,64 @@
+"""norms='fold' is a reparameterization: where it cannot keep the stock behaviour it refuses at once,
+with nothing changed (issue 15, item 4). The default keeps the stock parameters and needs no guard."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lowmembp_convert import convert
+from lowmembp_convert.demo import _randomise_norms
+from lowmembp_convert.nn.norms import FoldedNormsGuard
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 8)  # loaded before the norm: a late refusal would have changed it
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.embed(x)))
+
+
+def _pair() -> tuple[nn.Module, nn.Module, tuple]:
+    torch.manual_seed(0)
+    stock = _randomise_norms(_Block())
+    return stock, copy.deepcopy(stock), ((torch.randn(3, 8),), {})
+
+
+def test_a_stock_state_dict_is_refused_whole_by_a_folded_model() -> None:
+    stock, model, inputs = _pair()
+    convert(model, norms="fold", example_inputs=inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    incoming = copy.deepcopy(stock.state_dict())
+    incoming["embed.weight"] += 1.0
+    with pytest.raises(RuntimeError, match="norm.weight: this norm's affine was folded.*nothing was loaded"):
+        model.load_state_dict(incoming)
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), f"{key} changed by a refused load"
+
+
+def test_the_guard_is_registered_once_and_only_for_folds() -> None:
+    _stock, model, inputs = _pair()
+    convert(model, norms="fold", example_inputs=inputs)
+    convert(model, norms="fold", example_inputs=inputs)  # converting again adds no second guard
+    assert len(FoldedNormsGuard.registered_on(model)) == 1
+    _stock, shared, inputs = _pair()
+    convert(shared, example_inputs=inputs)
+    assert not shared._load_state_dict_pre_hooks
+
+
+def test_the_default_loads_a_stock_state_dict_like_the_stock_model() -> None:
+    stock, model, inputs = _pair()
+    convert(model, example_inputs=inputs)
+    incoming = copy.deepcopy(stock.state_dict())
+    incoming["norm.weight"] *= 1.5
+    stock.load_state_dict(incoming)
+    model.load_state_dict(incoming)
+    x = inputs[0][0]
+    torch.testing.assert_close(model(x), stock(x), rtol=1e-6, atol=1e-6)
