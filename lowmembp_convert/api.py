@@ -93,7 +93,9 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
     progress = _Progress(model)
     try:
         progress.stage("recording the original's outputs")
-        recording = verification.record(model, inputs) if config.verify and inputs is not None else None
+        recording = _record(model, inputs, config, notes) if config.verify and inputs is not None else None
+        if recording is None and not config.example_inputs:
+            inputs = None  # the model rejected the inputs built from its config
         before = _measure(model, inputs) if config.measure_memory and inputs is not None else None
         loaded_from = getattr(getattr(model, "config", None), CHECKPOINT_KEY, None)
         if loaded_from:
@@ -161,6 +163,29 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _record(model: nn.Module, inputs, config: ConvertConfig, notes: list[str]):
+    """The original's outputs on ``inputs``; None (verify skipped, warned) when the model rejects
+    inputs built from its config. The model's own exception never reaches the user raw."""
+    try:
+        return verification.record(model, inputs)
+    except ConversionError:
+        raise
+    except Exception as exc:
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if config.example_inputs is not None:
+            raise ConversionError(
+                f"verify: {type(model).__name__} raised on the example_inputs passed to convert() ({cause}); pass "
+                "example_inputs=((args...), {kwargs...}) that its forward accepts, or verify=False"
+            ) from exc
+        message = (
+            f"verify skipped: {type(model).__name__} rejected the example inputs built from its config ({cause}); "
+            "pass example_inputs=((args...), {kwargs...}) that its forward accepts to check the conversion"
+        )
+        warnings.warn(message, stacklevel=4)
+        notes.append(message)
+        return None
 
 
 def _warn_capture_failed(model: nn.Module, plan: Plan) -> None:

@@ -45,6 +45,16 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _vocab(config: Any) -> int:
+    """A token id bound: the config's vocabulary, at most 1000 (small ids are valid everywhere)."""
+    return max(1, min(int(getattr(config, "vocab_size", None) or 32), 1000))
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    size = getattr(config, "image_size", 224)
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def _accepts(model: nn.Module, name: str) -> bool:
     try:
         params = inspect.signature(model.forward).parameters
@@ -91,21 +101,41 @@ def example_inputs_for(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
-    if main == "input_ids":
-        vocab = max(1, min(int(getattr(config, "vocab_size", None) or 32), 1000))
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-        kwargs: dict[str, Any] = {"input_ids": ids}
+    def decoder_ids(kwargs: dict[str, Any]) -> None:
+        # an encoder-decoder's decoder needs its own ids (T5, BART, Whisper...)
         if getattr(config, "is_encoder_decoder", False) and _accepts(model, "decoder_input_ids"):
-            decoder_len = max(1, seq_len // 2)
-            kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_len), generator=gen).to(device)
+            vocab = _vocab(getattr(config, "decoder", None) or config)
+            ids = torch.randint(0, vocab, (batch, max(1, seq_len // 2)), generator=gen)
+            kwargs["decoder_input_ids"] = ids.to(device)
+
+    if main == "input_ids":
+        ids = torch.randint(0, _vocab(getattr(config, "text_config", None) or config), (batch, seq_len), generator=gen)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device)}
+        decoder_ids(kwargs)
+        vision = getattr(config, "vision_config", None)
+        if vision is not None and _names(model, "pixel_values"):  # a text-image model (CLIP, SigLIP, BLIP)
+            kwargs["pixel_values"] = randn(batch, getattr(vision, "num_channels", 3), *_image_size(vision))
+        if flags:
+            _add_flags(model, config, kwargs)
+        return (), kwargs
+    if main == "input_features":  # speech encoders on mel features (Whisper)
+        frames = 2 * int(getattr(config, "max_source_positions", seq_len))  # the encoder's conv stride is 2
+        kwargs = {"input_features": randn(batch, int(getattr(config, "num_mel_bins", 80)), frames)}
+        decoder_ids(kwargs)
+        if flags:
+            _add_flags(model, config, kwargs)
+        return (), kwargs
+    if main == "input_values":  # raw-waveform encoders (Wav2Vec2, HuBERT): a fifth of a second at 16 kHz
+        kwargs = {"input_values": randn(batch, 3200)}
         if flags:
             _add_flags(model, config, kwargs)
         return (), kwargs
     if main == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        channels = getattr(config, "num_channels", 3)
-        kwargs = {"pixel_values": randn(batch, channels, h, w)}
+        vision = getattr(config, "vision_config", None) or config
+        kwargs = {"pixel_values": randn(batch, getattr(vision, "num_channels", 3), *_image_size(vision))}
+        if _names(model, "input_ids") and getattr(config, "text_config", None) is not None:
+            text_ids = torch.randint(0, _vocab(config.text_config), (batch, seq_len), generator=gen)
+            kwargs["input_ids"] = text_ids.to(device)
         if flags:
             _add_flags(model, config, kwargs)
         return (), kwargs

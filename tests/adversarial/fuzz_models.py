@@ -6,7 +6,8 @@ with module / functional / in-place activations (and MLP modules with their own 
 gated, which the exact recompute rewrites), a norm output read by several consumers (shared
 Linears, views, token slices, casts, ``x @ W.T``, Dropout), blocks applied again (loops, towers),
 norm weights read elsewhere, Parameters shared by two modules or two Parameters over one storage,
-extra outputs. Parameters are random (norm scales of both signs, biases), some are frozen.
+extra outputs. Parameters are random (norm scales of both signs, biases; in some norms a channel or
+two ill-conditioned: scale zero or tiny, or bias large against it), some are frozen.
 Everything is drawn from ``random.Random(seed)``: a seed is the whole model.
 """
 
@@ -53,6 +54,9 @@ class EnumNorm(nn.Module):
         if self.kind is Kind.LAYER:
             return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+NORMS = (nn.LayerNorm, nn.RMSNorm, GemmaRMSNorm, EnumNorm)
 
 
 class FnAct(nn.Module):
@@ -197,6 +201,28 @@ class FuzzModel(nn.Module):
         for p in self.parameters():
             if rng.random() < 0.15:
                 p.requires_grad_(False)
+        self._ill_condition(rng)
+
+    def _ill_condition(self, rng: random.Random) -> None:
+        """Some norms get a channel or two whose x_hat cannot be recovered from the output (drawn last,
+        so the rest of each seed's model is what it was): a scale of exactly zero, a tiny one, one just
+        above ``min_abs_weight``, or a bias large against the scale. The default keeps x_hat for those
+        channels; a fold puts the scale into the consumers as it is."""
+        with torch.no_grad():
+            for module in self.modules():
+                weight = getattr(module, "weight", None)
+                if not isinstance(module, NORMS) or not isinstance(weight, nn.Parameter) or rng.random() >= 0.2:
+                    continue
+                offset = 1.0 if isinstance(module, GemmaRMSNorm) else 0.0
+                bias = getattr(module, "bias", None)
+                for c in rng.sample(range(D), rng.randint(1, 2)):
+                    case = rng.choice(["zero", "tiny", "threshold", "bias"])
+                    sign = rng.choice([-1.0, 1.0])
+                    if case == "bias" and isinstance(bias, nn.Parameter):
+                        bias[c] = sign * 10.0 * abs(weight[c].item() + offset)
+                        continue
+                    scale = {"zero": 0.0, "tiny": 1e-4, "threshold": 2e-3}.get(case, 1e-4) * sign
+                    weight[c] = scale - offset
 
     def _linear(self, block: nn.Module, target: str) -> nn.Module:
         if target.startswith("pool"):

@@ -133,10 +133,31 @@ def assert_trainable_kept(before: dict[str, bool], converted: nn.Module) -> None
     assert set(after) <= set(before), "new parameters appeared"
 
 
+def stock_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that also keeps the storage aliasing between distinct Parameters (two Parameters
+    over one storage): ``copy.deepcopy`` gives each Parameter its own storage, so an optimizer step
+    on the copy would no longer update both, and the copy would train away from the model."""
+    clone = copy.deepcopy(model)
+    groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    pairs = zip(model.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False), strict=True)
+    for (_name, p), (_n, q) in pairs:
+        if p.device.type != "meta" and p.untyped_storage().nbytes():
+            groups.setdefault(p.untyped_storage().data_ptr(), []).append((p, q))
+    for group in groups.values():
+        if len({id(p) for p, _q in group}) < 2:
+            continue
+        storage = group[0][0].untyped_storage().clone()  # the values as of now, once for the group
+        for p, q in group:
+            q.data = torch.empty(0, dtype=p.dtype, device=p.device).set_(
+                storage, p.storage_offset(), p.shape, p.stride()
+            )
+    return clone
+
+
 def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None, **options) -> nn.Module | Exception:
     """Convert ``model`` and assert the rule; returns the model, or the exception convert() raised
     (after asserting the model was left exactly as it was)."""
-    original = copy.deepcopy(model)
+    original = stock_copy(model)
     before = fingerprint(model)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     options.setdefault("example_inputs", inputs)
