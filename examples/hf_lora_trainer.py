@@ -1,21 +1,24 @@
 """HF ``Trainer`` + PEFT LoRA on a converted decoder: a tiny LLaMA learns byte-level text, original vs converted.
 
-The decoder is built from a ``LlamaConfig`` (no hub access needed) with randomised RMSNorm weights, so
-folding has something to fold. LoRA adapters go on q/k/v/o and the MLP, and ``lm_head`` is trained
-in full (``modules_to_save``: a random base's frozen head would barely let the loss move); then
-``lowmembp_convert.convert`` rewrites the PEFT model in place: SiLU -> ReSiLU2 (2-bit approximate
-backward), RMSNorm -> memory-sharing RMSNorm with its weight folded into the consumers, base layers
-and ``lora_A`` alike, so the adapter path stays equivalent. A stock copy with the same initial
-weights is trained on the same batches for comparison.
+The decoder is built from a ``LlamaConfig`` (no hub access needed) with randomised RMSNorm weights
+(init values of 1 would hide a wrong affine). LoRA adapters go on q/k/v/o and the MLP, and ``lm_head``
+is trained in full (``modules_to_save``: a random base's frozen head would barely let the loss move);
+then ``lowmembp_convert.convert`` rewrites the PEFT model in place: the SiLU is recomputed exactly in
+the (LoRA-wrapped) down projection's backward, and RMSNorm -> memory-sharing RMSNorm that keeps its
+own weight (the default ``norms="share"``): no parameter changes, adapters included. A stock copy
+with the same initial weights is trained on the same batches for comparison.
 
 Text: the docstrings of a few standard-library modules (shipped with Python), as bytes (vocab 256).
 
-Deployment note, checked at the end: an adapter trained on a converted model has gamma folded into
-``lora_A``, so it belongs with a CONVERTED base (``lowmembp-convert base base_out``, or
-``convert(base)`` before ``PeftModel.from_pretrained``), not with the stock base.
+Deployment note, checked at the end: with the default, the adapter trained on the converted model
+fits the STOCK base as well as a converted one. With ``--norms fold`` (the paper's reparameterization)
+gamma is folded into ``lora_A``, so the adapter belongs with a CONVERTED base only
+(``lowmembp-convert base base_out``, or ``convert(base, norms="fold")`` before
+``PeftModel.from_pretrained``).
 
-    python examples/hf_lora_trainer.py            # 2 x 80 steps, ~30 s on 2 CPU cores
-    python examples/hf_lora_trainer.py --tiny     # 2 x 3 steps (CI)
+    python examples/hf_lora_trainer.py                 # 2 x 80 steps, ~30 s on 2 CPU cores
+    python examples/hf_lora_trainer.py --norms fold    # the folded form, and its deployment caveat
+    python examples/hf_lora_trainer.py --tiny          # 2 x 3 steps (CI)
 
 Prints the conversion report and a JSON summary as the last line of stdout.
 """
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="3 steps, short sequences (CI)")
+    parser.add_argument(
+        "--norms", choices=("share", "fold"), default="share", help="convert()'s norms option (default: share)"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.steps, args.seq_len, args.batch_size = 3, 32, 4
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_set.windows = eval_set.windows[:8]
 
     base, original = build_peft_model(args.seed)
-    converted = lowmembp_convert.convert(copy.deepcopy(original), verify=True)  # same init, rewritten in place
+    # same init, rewritten in place
+    converted = lowmembp_convert.convert(copy.deepcopy(original), verify=True, norms=args.norms)
     report = converted.lowmembp_report
     print(report, file=sys.stderr)
 
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
 
-        # the trained adapter belongs with a converted base: check both pairings on one batch
+        # which base the trained adapter belongs with: check both pairings on one batch
         converted.save_pretrained(Path(tmp) / "adapter")
         base.save_pretrained(Path(tmp) / "base")
         batch = eval_set[0]["input_ids"][None]
@@ -168,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             want = converted(input_ids=batch).logits
             stock_base = LlamaForCausalLM.from_pretrained(Path(tmp) / "base")
-            folded_base = lowmembp_convert.convert(LlamaForCausalLM.from_pretrained(Path(tmp) / "base"))
-            on_converted = PeftModel.from_pretrained(folded_base, Path(tmp) / "adapter")(input_ids=batch).logits
+            converted_base = lowmembp_convert.convert(
+                LlamaForCausalLM.from_pretrained(Path(tmp) / "base"), norms=args.norms
+            )
+            on_converted = PeftModel.from_pretrained(converted_base, Path(tmp) / "adapter")(input_ids=batch).logits
             on_stock = PeftModel.from_pretrained(stock_base, Path(tmp) / "adapter")(input_ids=batch).logits
         scale = want.abs().max().item()
         pairing = {
@@ -178,18 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         }
     print(
         f"adapter + converted base: max rel err {pairing['adapter_on_converted_base_max_rel_err']:.1e}; "
-        f"adapter + stock base: {pairing['adapter_on_stock_base_max_rel_err']:.1e} (use a converted base)",
+        f"adapter + stock base: {pairing['adapter_on_stock_base_max_rel_err']:.1e}"
+        + (" (use a converted base)" if args.norms == "fold" else ""),
         file=sys.stderr,
     )
     summary = {
         "model": "LlamaForCausalLM (hidden 64, 2 layers, vocab 256 bytes) + LoRA r8, lm_head trained",
         "tiny": args.tiny,
+        "norms": args.norms,
         "steps": args.steps,
         "train_windows": len(train_set),
         "trainable_params": sum(p.numel() for p in converted.parameters() if p.requires_grad),
         "conversion": {
             "activations_converted": report.converted_activations,
+            "activation_options": sorted({s.option for s in report.plan.activations if s.action == "convert"}),
             "norms_converted": report.converted_norms,
+            "norms_folded": sum(s.action == "fold" for s in report.plan.norms),
             "notes": report.notes,
         },
         "original": {k: v for k, v in results["original"].items() if k != "train_losses"}

@@ -1,10 +1,13 @@
 """A plain timm fine-tuning loop with a converted model: ConvNeXt on scikit-learn's digits.
 
-The one line that matters is ``lowmembp_convert.convert(model, ...)`` before the optimizer is built:
-GELU -> ReGELU2, and every LayerNorm (channels-last in the blocks, channels-first LayerNorm2d in the
-stem and downsamples) -> a memory-sharing norm whose affine is folded into the fc1 / strided conv /
-head that reads it. Building the optimizer afterwards matters: folded gammas and betas are no longer
-parameters.
+The one line that matters is ``lowmembp_convert.convert(model, ...)`` before the optimizer is built.
+By default every LayerNorm (channels-last in the blocks, channels-first LayerNorm2d in the stem and
+downsamples) becomes a memory-sharing norm that keeps its own affine, the fc1 / strided conv / head
+reading it keeps the same tensor for backward, and no parameter changes. ConvNeXt's GELUs feed 1x1
+convs (``conv_mlp``), where no exact recompute is proven: the default leaves them stock (exact) and
+the report says that ``--activations approx`` (ReGELU2, a 2-bit approximate backward) would keep
+fewer bytes. ``--norms fold`` folds the affine into those consumers instead (the paper's form); then
+building the optimizer afterwards matters: folded gammas and betas are no longer parameters.
 
 No hub access here, so the default starts from random weights (``--pretrained`` loads timm's
 ImageNet weights where the network allows; timm adapts the stem to 1 channel). Data:
@@ -12,6 +15,7 @@ ImageNet weights where the network allows; timm adapts the stem to 1 channel). D
 
     python examples/timm_finetune.py                         # convnext_atto, 3 epochs, ~1-2 min on 2 cores
     python examples/timm_finetune.py --model vit_tiny_patch16_224 --image-size 32 --model-kwargs '{"patch_size": 4}'
+    python examples/timm_finetune.py --activations approx --norms fold   # the paper's conversion
     python examples/timm_finetune.py --tiny                  # 2 steps (CI)
 
 Prints the conversion report, per-epoch loss and accuracy, and a JSON summary as the last line.
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small models, busy machines)")
     parser.add_argument("--tiny", action="store_true", help="1 epoch of 2 steps (CI)")
+    parser.add_argument("--activations", choices=("auto", "approx", "recompute"), default="auto")
+    parser.add_argument("--norms", choices=("share", "fold"), default="share")
     args = parser.parse_args(argv)
     max_steps = 2 if args.tiny else None
     if args.tiny:
@@ -91,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=10, in_chans=1, **args.model_kwargs)
     example = next(iter(test_loader))[0][:2]
     # example_inputs: the model's pretrained_cfg still says 3x224x224; our images are 1x32x32
-    model = lowmembp_convert.convert(model, verify=True, example_inputs=((example,), {}))
+    model = lowmembp_convert.convert(
+        model, verify=True, example_inputs=((example,), {}), activations=args.activations, norms=args.norms
+    )
     print(model.lowmembp_report, file=sys.stderr)
 
     optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=0.05)  # after convert()
@@ -131,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         "final_test_acc": history[-1]["test_acc"],
         "history": history,
         "conversion": {
+            "activations": args.activations,
+            "norms": args.norms,
             "activations_converted": report.converted_activations,
+            "activations_approx_on_request": sum(
+                s.action == "skip" and "activations='approx' would keep fewer bytes" in s.reason
+                for s in report.plan.activations
+            ),
             "norms_converted": report.converted_norms,
+            "norms_folded": sum(s.action == "fold" for s in report.plan.norms),
             "notes": report.notes,
         },
         "seconds": round(time.perf_counter() - start, 1),

@@ -1,12 +1,13 @@
 """Train a tiny timm ViT on scikit-learn's digits, original vs converted, and judge the gap against seed noise.
 
 Each seed trains the model twice from the same initial weights on the same batch order: once as built
-(exact GELU/LayerNorm backward), once after ``lowmembp_convert.convert(activations="approx")`` (the
-paper: ReGELU2's 2-bit approximate GELU backward, memory-sharing LayerNorms with the affine folded into
-qkv/fc1/head). Nothing else differs. ``--variants`` adds ``auto`` (``convert()``, the default: here
-every GELU is recomputed exactly in fc2's backward, so only the folded parameterisation differs) and
-the two halves of the paper's conversion on their own (``norms_only``: exact gradients, folded
-parameterisation; ``acts_only``: approximate GELU backward only), to attribute a gap.
+(exact GELU/LayerNorm backward), once after ``lowmembp_convert.convert(activations="approx",
+norms="fold")`` (the paper: ReGELU2's 2-bit approximate GELU backward, memory-sharing LayerNorms with
+the affine folded into qkv/fc1/head). Nothing else differs. ``--variants`` adds ``auto``
+(``convert()``, the default: here every GELU is recomputed exactly in fc2's backward and the norms
+keep their own affine, so nothing but float32 rounding differs) and the two halves of the paper's
+conversion on their own (``norms_only``: exact gradients, folded parameterisation; ``acts_only``:
+approximate GELU backward only), to attribute a gap.
 
 Tolerance ("within noise"): for every seed, the converted run's final test accuracy, final test loss
 and final train loss differ from the original run of the SAME seed by no more than the spread
@@ -60,9 +61,9 @@ DEFAULT_PNG = Path(__file__).with_name("digits_curves.png")
 # variant -> convert() options (None: the model as built)
 VARIANTS = {
     "original": None,
-    "converted": {"activations": "approx"},  # the paper: ReGELU2 everywhere
-    "auto": {},  # convert()'s default: per site the option keeping the fewest bytes, exact on ties
-    "norms_only": {"activations": False},
+    "converted": {"activations": "approx", "norms": "fold"},  # the paper: ReGELU2 everywhere, folded norms
+    "auto": {},  # convert()'s default: per site the exact option keeping the fewest bytes; norms keep their affine
+    "norms_only": {"activations": False, "norms": "fold"},
     "acts_only": {"norms": False, "activations": "approx"},
 }
 METRICS = ("final_test_acc", "final_test_loss", "final_train_loss")

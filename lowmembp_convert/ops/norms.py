@@ -753,7 +753,6 @@ def ms_layer_norm(
         eps: added to the biased variance.
         weight_offset: the scale is ``weight + weight_offset`` (1.0 for ``(1 + w)`` norms).
         out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
-
         keep_below: channels with |weight + offset| below this, or a bias large against it, keep
             their x_hat for backward (float32), chosen from the current weights in every call.
         kept_capacity: -1: every such channel (one host sync to size the buffer); >= 0: at most
@@ -787,7 +786,6 @@ def ms_rms_norm(
         eps: added to mean(x^2).
         weight_offset: the scale is ``weight + weight_offset`` (1.0 for Gemma's ``(1 + w)``).
         out_dtype: dtype of the result (the autocast dtype under autocast); default ``x.dtype``.
-
         keep_below: channels with |weight + offset| below this, or a bias large against it, keep
             their x_hat for backward (float32), chosen from the current weights in every call.
         kept_capacity: -1: every such channel (one host sync to size the buffer); >= 0: at most

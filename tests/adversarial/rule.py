@@ -139,7 +139,9 @@ def stock_copy(model: nn.Module) -> nn.Module:
     on the copy would no longer update both, and the copy would train away from the model."""
     clone = copy.deepcopy(model)
     groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    pairs = zip(model.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False), strict=True)
+    pairs = zip(
+        model.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False), strict=True
+    )
     for (_name, p), (_n, q) in pairs:
         if p.device.type != "meta" and p.untyped_storage().nbytes():
             groups.setdefault(p.untyped_storage().data_ptr(), []).append((p, q))
@@ -215,9 +217,13 @@ def train_next_to_stock(original: nn.Module, converted: nn.Module, x: torch.Tens
             gen.manual_seed(step)
             loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outs)
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
+            if loss.requires_grad:  # else no trainable parameter reaches an output (frozen path, unused layers)
+                loss.backward()
+                optimizer.step()
+            losses.append(loss)
+        assert losses[0].requires_grad == losses[1].requires_grad, (
+            "the loss reaches trainable parameters in one model only"
+        )
         assert rel(losses[0], losses[1]) < 1e-4, f"step {step}: loss {losses[1]} against stock {losses[0]}"
     for (name, p), q in zip(original.named_parameters(), converted.parameters(), strict=True):
         assert rel(p, q) < 1e-4, f"{name} trained away from stock: {rel(p, q):.2e}"

@@ -23,7 +23,7 @@ SEEDS = range(300)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models: intra-op threads only add overhead (and keep the 300 models under a minute)."""
+    """Tiny models: intra-op threads only add overhead (the 300 models, each converted twice, stay quick)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -35,9 +35,7 @@ def one_thread():
 def test_random_model_keeps_the_rule(norms: str, seed: int) -> None:
     model = FuzzModel(seed)
     activations = (False, True, "approx")[seed % 3]
-    result = convert_checked(
-        model, example_inputs(seed), norms=norms, activations=activations, verify=seed % 4 == 0
-    )
+    result = convert_checked(model, example_inputs(seed), norms=norms, activations=activations, verify=seed % 4 == 0)
     # with verify off nothing may be refused; with it on, a refusal would mean the analysis was wrong
     assert not isinstance(result, Exception), f"seed {seed}: convert() raised {type(result).__name__}: {result}"
 

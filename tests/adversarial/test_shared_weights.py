@@ -197,7 +197,6 @@ def test_two_norms_sharing_one_consumer_fold_neither() -> None:
     assert {s.action for s in model.lowmembp_report.plan.norms} <= {"keep_affine", "skip"}
 
 
-
 @pytest.mark.parametrize(
     "build",
     [

@@ -1,9 +1,10 @@
 """The command line's surface: --version, python -m, --help, --dry-run without ckpt_out, option checks,
 --model-kwargs for transformers, post-norm models (exit 3, --force-copy), permissions, T5 --verify,
-and a dry-run plan that decides on the real norm weights as convert() does."""
+and a dry-run plan that decides as convert(norms="fold") does, ill-conditioned norm weights included."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import runpy
@@ -188,11 +189,14 @@ def test_encoder_decoder_verify(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_dry_run_decides_on_real_norm_weights(family, tmp_path, capsys):
-    """A final norm that keeps its affine but has a zero weight (LLaMA) or a bias far larger than its
-    weight (GPT-2) is left unconverted by convert(); the dry run reads the norm vectors and agrees."""
+def test_dry_run_keeps_the_affine_of_an_ill_conditioned_norm_as_convert_does(family, tmp_path, capsys):
+    """A final norm that keeps its affine with a zero weight (LLaMA) or a bias far larger than its
+    weight (GPT-2) is not skipped: its ill-conditioned channels keep x_hat in every forward. The dry
+    run (on the meta skeleton) plans what convert(norms="fold") plans on the real weights, and the
+    default convert() keeps that norm's affine too, with exact gradients."""
     model = hf_model(family)
-    norm = model.model.norm if family == "llama" else model.transformer.ln_f
+    final = "model.norm" if family == "llama" else "transformer.ln_f"
+    norm = model.get_submodule(final)
     with torch.no_grad():
         if family == "llama":
             norm.weight[3] = 0.0
@@ -205,11 +209,23 @@ def test_dry_run_decides_on_real_norm_weights(family, tmp_path, capsys):
     assert code == 0, err
     sites = json.loads(stdout)["checkpoint"]["norms"]
     cli_actions = {site["module"]: (site["action"], site["reason"]) for site in sites}
-    plan = lowmembp_convert.plan_conversion(model, activations=False)  # real weights, as convert() sees them
+    plan = lowmembp_convert.plan_conversion(model, activations=False, norms="fold")  # real weights
     api_actions = {site.module: (site.action, site.reason) for site in plan.norms}
     assert cli_actions == api_actions
-    final = "model.norm" if family == "llama" else "transformer.ln_f"
-    assert cli_actions[final][0] == "skip" and "keeping the affine would" in cli_actions[final][1]
+    assert cli_actions[final] == ("keep_affine", "affine kept in the norm: returned from the model's forward")
+    assert not any(action == "skip" for action, _ in cli_actions.values()), cli_actions
+
+    converted = lowmembp_convert.convert(copy.deepcopy(model), activations=False)
+    site = converted.lowmembp_report.plan.norm(final)
+    assert site.action == "keep_affine" and getattr(converted.get_submodule(final), "lowmembp_converted", False)
+    inputs = model_inputs(model)
+    for m in (model, converted):
+        m.zero_grad()
+        out = m(**inputs).logits
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    for name in (f"{final}.weight", f"{final}.bias") if family == "gpt2" else (f"{final}.weight",):
+        want, got = model.get_parameter(name).grad, converted.get_parameter(name).grad
+        assert rel_err(want, got) < 1e-4, name
 
 
 def test_record_summary_is_short():

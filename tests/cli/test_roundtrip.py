@@ -2,7 +2,8 @@
 
 For each family: the converted checkpoint computes what the original computes (fp32, max relative
 error < 1e-5), carries the conversion record, and ``lowmembp_convert.convert`` on the reloaded model
-equals converting the original directly, without folding anything a second time.
+equals converting the original directly with the fold the CLI does (``norms="fold"``), without folding
+anything a second time, whether asked to fold again or (the default) to share the identity norms.
 """
 
 from __future__ import annotations
@@ -23,22 +24,32 @@ HF_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "bert", "roberta", 
 
 
 def _check_convert_twice(original, reloaded, record_folded, inputs):
-    """convert(reloaded) == convert(original), and convert(reloaded) rescales no folded consumer."""
-    direct = lowmembp_convert.convert(copy.deepcopy(original))
-    before = {k: v.clone() for k, v in reloaded.state_dict().items()}
-    again = lowmembp_convert.convert(reloaded)
-    plan = again.lowmembp_report.plan
-    for name in record_folded:
-        site = plan.norm(name)
-        assert site.action == "fold" and site.already_folded, f"{name}: {site.action} {site.reason}"
-        for consumer in site.consumers:
-            assert torch.equal(again.get_parameter(consumer.weight), before[consumer.weight]), consumer.weight
+    """convert(reloaded) == convert(original, norms="fold"), and convert(reloaded) rescales no folded
+    consumer: norms="fold" sees the fold done already, the default shares the identity norms as they are."""
+    direct = lowmembp_convert.convert(copy.deepcopy(original), norms="fold")
     direct_folded = {s.module for s in direct.lowmembp_report.plan.norms if s.action == "fold"}
     assert set(record_folded) <= direct_folded
     reference = first_output(original, inputs)
-    assert rel_err(reference, first_output(again, inputs)) < 1e-5, "convert() of the reloaded checkpoint"
     assert rel_err(reference, first_output(direct, inputs)) < 1e-5, "convert() of the original model"
-    assert rel_err(first_output(direct, inputs), first_output(again, inputs)) < 1e-5
+    before = {k: v.clone() for k, v in reloaded.state_dict().items()}
+    # the default decides on the reloaded (identity) norms as on the original's
+    shared = {s.module: s.action for s in lowmembp_convert.plan_conversion(original, activations=False).norms}
+    for norms in ("fold", "share"):
+        again = lowmembp_convert.convert(copy.deepcopy(reloaded), norms=norms)
+        plan = again.lowmembp_report.plan
+        for name in record_folded:
+            site = plan.norm(name)
+            if norms == "fold":
+                assert site.action == "fold" and site.already_folded, f"{name}: {site.action} {site.reason}"
+            else:
+                assert site.action == shared[name], f"{name}: {site.action} {site.reason}"
+            for consumer in site.consumers:
+                assert torch.equal(again.get_parameter(consumer.weight), before[consumer.weight]), consumer.weight
+        if norms == "share":  # nothing changes on the reloaded checkpoint's parameters
+            after = again.state_dict()
+            assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+        assert rel_err(reference, first_output(again, inputs)) < 1e-5, f"convert(norms={norms!r}) of the reloaded"
+        assert rel_err(first_output(direct, inputs), first_output(again, inputs)) < 1e-5
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)

@@ -183,11 +183,17 @@ def test_a_frozen_consumer_leaves_nothing_to_save_so_the_site_stays_exact() -> N
         block.fc2.requires_grad_(False)
     model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False)
     for site in model.lowmembp_report.plan.activations:
-        # stock keeps a; recompute keeps a; 2-bit keeps codes: the planner takes the codes
-        assert site.estimate["recompute"] == site.estimate["stock"]
-        assert site.option == "approx"
+        # stock keeps a; recompute keeps a; 2-bit keeps codes: auto never approximates unasked, so stock,
+        # saying that the codes would be smaller
+        assert site.estimate["recompute"] == site.estimate["stock"] > site.estimate["approx"]
+        assert site.action == "skip", site.reason
+        assert site.reason.startswith("left stock: no exact option keeps fewer bytes"), site.reason
+        assert site.reason.endswith("activations='approx' would keep fewer bytes with an approximate gradient")
+    assert isinstance(model.blocks[0].act, nn.GELU)
     model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="recompute")
     assert all(s.action == "skip" for s in model.lowmembp_report.plan.activations)
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="approx")
+    assert all((s.action, s.option) == ("convert", "approx") for s in model.lowmembp_report.plan.activations)
 
 
 def test_an_activation_read_twice_is_not_recomputed() -> None:

@@ -128,4 +128,7 @@ def test_disabled_and_merged_adapters_give_the_stock_result() -> None:
 def test_a_lora_consumer_that_cannot_take_it_says_why() -> None:
     model = convert(_llama_all_linear(torch.float32, lora_dropout=0.1), norms=False)
     for site in model.lowmembp_report.plan.activations:
-        assert site.option == "approx" and "PEFT-wrapped" in site.reason and "lora_dropout" in site.reason
+        # left stock (exact), never approximated unasked; the reason says why and what would save bytes
+        assert site.action == "skip" and site.reason.startswith("left stock (exact): recompute is not possible")
+        assert "PEFT-wrapped" in site.reason and "lora_dropout" in site.reason
+        assert "activations='approx' would keep fewer bytes" in site.reason

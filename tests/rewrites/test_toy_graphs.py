@@ -1,11 +1,12 @@
 """The analysis on toy graphs: one hand-written nn.Module per dataflow case between a norm and its consumers.
 
-Each case states what must happen (fold / keep_affine / skip) and the reason the plan must give, from
-the algebra: y = x_hat * gamma + beta commutes with ops that act per channel identically (views and
-permutations that keep the channel dim, token slicing, mean pooling), a scale but not a shift
-commutes with zero padding and sums, and nothing commutes with ops that mix channels. Every case is
-then converted (norms only, so the backward is exact) and judged against a deep copy: outputs and
-input gradients equal, and the folded weights equal W * gamma and b + W @ beta computed here.
+Each case states what must happen under ``norms="fold"`` (fold / keep_affine / skip) and the reason
+the plan must give, from the algebra: y = x_hat * gamma + beta commutes with ops that act per channel
+identically (views and permutations that keep the channel dim, token slicing, mean pooling), a scale
+but not a shift commutes with zero padding and sums, and nothing commutes with ops that mix channels.
+Every case is then converted (norms only, so the backward is exact) and judged against a deep copy:
+outputs and input gradients equal, and the folded weights equal W * gamma and b + W @ beta computed
+here. The helpers fold unless told ``norms="share"``; the default's own cases are at the end.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def inputs(seed: int = 1, shape=(B, T, C)) -> torch.Tensor:
 
 
 def plan_of(model: nn.Module, x: torch.Tensor, **options):
+    """The plan, with ``norms="fold"`` unless ``options`` say otherwise."""
+    options.setdefault("norms", "fold")
     return plan_conversion(model, example_inputs=((x,), {}), activations=False, **options)
 
 
 def convert_exactly(model: nn.Module, x: torch.Tensor, **options):
-    """Convert (norms only) and check forward and input gradient against the unconverted copy."""
+    """Convert (norms only; ``norms="fold"`` unless ``options`` say otherwise) and check forward and
+    input gradient against the unconverted copy."""
+    options.setdefault("norms", "fold")
     original = copy.deepcopy(model)
     convert(model, example_inputs=((x,), {}), activations=False, **options)
     outs, grads = [], []
@@ -203,7 +208,8 @@ def test_dropout_with_p_above_zero_between_norm_and_linear_is_skipped() -> None:
     site = plan_of(model, x).norm("norm")
     assert site.action == "skip"
     assert "sharing would break" in site.reason and "drop (p=0.1)" in site.reason
-    convert(model, example_inputs=((x,), {}), activations=False)
+    assert plan_of(model, x, norms="share").norm("norm").reason == site.reason  # the default skips it alike
+    convert(model, example_inputs=((x,), {}), activations=False, norms="fold")
     assert type(model.norm) is nn.LayerNorm, "a skipped norm is left untouched"
 
 
@@ -305,7 +311,7 @@ def test_sum_pooling_commutes_with_a_scale_only() -> None:
     site = plan_of(model, x).norm("norm")
     assert site.action != "fold"
     assert "sums (commutes with a scale, not a shift)" in site.reason
-    convert(copy.deepcopy(model), example_inputs=((x,), {}), activations=False)  # whatever it does, no error
+    convert(copy.deepcopy(model), example_inputs=((x,), {}), activations=False, norms="fold")  # no error
 
 
 def test_pooling_over_channels_is_blocked() -> None:
@@ -369,7 +375,7 @@ def test_norm_output_returned_by_the_model_keeps_the_affine() -> None:
     assert site.action == "keep_affine"
     assert site.reason == "affine kept in the norm: returned from the model's forward"
     original = copy.deepcopy(model)
-    convert(model, example_inputs=((x,), {}), activations=False)
+    convert(model, example_inputs=((x,), {}), activations=False, norms="fold")
     for a, b in zip(original(x), model(x), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
@@ -435,7 +441,7 @@ def test_two_norms_feeding_one_linear_fold_neither() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# keep_affine divides by the weight in backward: the min_abs_weight guard
+# keep_affine divides by the weight in backward: ill-conditioned channels keep x_hat instead
 # --------------------------------------------------------------------------------------------------
 
 
@@ -445,20 +451,25 @@ def _tiny_weight(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_near_zero_weight_in_keep_affine_mode_is_skipped() -> None:
+@pytest.mark.parametrize("norms", ["fold", "share"])
+def test_near_zero_weight_in_keep_affine_mode_is_converted_exactly(norms: str) -> None:
+    """Nothing is skipped for a tiny |weight| (below min_abs_weight, and a shift 7x larger than it):
+    that channel keeps x_hat for backward, the others recover it, and every gradient stays exact."""
     model = _tiny_weight(randomize(Residual()))
     x = inputs()
-    site = plan_of(model, x).norm("norm")
-    assert site.action == "skip"
-    assert "min_abs_weight=0.001" in site.reason and "1.00e-05" in site.reason
-    # the user can lower the guard: the forward stays exact (backward divides by 1e-5, hence the guard);
-    # with a zero shift on that channel the recovery is not ill-conditioned otherwise
-    with torch.no_grad():
-        model.norm.bias[model.norm.weight.abs().argmin()] = 0.0
-    original = copy.deepcopy(model)
-    convert(model, example_inputs=((x,), {}), activations=False, min_abs_weight=1e-6)
-    assert model.lowmembp_report.plan.norm("norm").action == "keep_affine"
-    torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+    site = plan_of(model, x, norms=norms).norm("norm")
+    assert site.action == "keep_affine"
+    assert "min_abs_weight" not in site.reason and "keeping the affine would" not in site.reason
+    original, plan = convert_exactly(model, x, norms=norms)
+    assert plan.norm("norm").action == "keep_affine"
+    assert getattr(model.norm, "lowmembp_converted", False)
+    for m in (original, model):
+        m.zero_grad()
+        m(x).square().mean().backward()
+    for name in ("weight", "bias"):  # the tiny channel's dweight needs its x_hat
+        torch.testing.assert_close(
+            getattr(model.norm, name).grad, getattr(original.norm, name).grad, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_near_zero_weight_is_harmless_when_folding() -> None:
@@ -545,3 +556,51 @@ def test_a_module_named_like_a_norm_but_computing_something_else_is_left_alone()
     plan = plan_of(model, inputs())
     assert not plan.norms
     assert any("norm (NotANorm): not a LayerNorm/RMSNorm over one dim by behaviour" in n for n in plan.notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The default, norms="share": the affine stays in the norm, no parameter changes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: NormLinear("layer"), (B, T, C)),
+        (lambda: NormLinear("gemma_rms"), (B, T, C)),
+        (lambda: NormLinear("layer", bias=False), (B, T, C)),
+        (NormToQKV, (B, T, C)),
+        (Residual, (B, T, C)),
+        (SharedNorm, (B, T, C)),
+        (lambda: NormConv(kernel=3, padding=1), (B, C, 4, 4)),
+    ],
+    ids=["linear", "gemma_linear", "linear_no_bias", "qkv", "residual", "called_twice", "padded_conv"],
+)
+def test_default_shares_the_output_and_keeps_every_parameter(build, shape) -> None:
+    """Wherever a Linear receives the norm's output itself, the default keeps the affine in the norm
+    (whether or not it could fold), for no other reason; the parameters are the stock ones."""
+    model = randomize(build())
+    x = inputs(shape=shape)
+    plan = plan_of(model, x, norms="share")
+    assert plan.norms and all((s.action, s.reason) == ("keep_affine", "") for s in plan.norms), plan.norms
+    assert all(any(c.shares_output for c in s.consumers) for s in plan.norms)
+    original, _ = convert_exactly(model, x, norms="share")
+    before, after = original.state_dict(), model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in original.named_parameters()]
+
+
+@pytest.mark.parametrize(
+    "fn", [lambda y: y.mean(1), lambda y: F.pad(y, (0, 0, 2, 1))], ids=["mean_pooling", "zero_padding"]
+)
+def test_default_skips_a_norm_whose_consumers_only_get_a_copy(fn) -> None:
+    """What a fold could still save there (the Linear keeps its copy either way) the default cannot."""
+    model = randomize(Between("rms", fn))
+    x = inputs()
+    assert plan_of(model, x).norm("norm").action == "fold"
+    site = plan_of(model, x, norms="share").norm("norm")
+    assert site.action == "skip"
+    assert site.reason == "no Linear receives the output itself (it is copied on the way), so nothing is shared"
+    original = copy.deepcopy(model)
+    convert(model, example_inputs=((x,), {}), activations=False)
+    assert type(model.norm) is type(original.norm), "a skipped norm is left untouched"
