@@ -7,18 +7,21 @@ digits, the parameter gradients of five float32 variants are compared with those
 model in float64:
 
 - ``fp32``: the original model in float32 (the floor: float32 rounding alone);
-- ``norms``: ``convert(activations=False)``, memory-sharing LayerNorms with folded affine (exact);
+- ``norms``: ``convert(activations=False, norms="fold")``, memory-sharing LayerNorms with folded affine
+  (exact);
 - ``acts``: ``convert(norms=False, activations="approx")``, ReGELU2 (exact forward, 2-bit backward);
-- ``full``: ``convert(activations="approx")``, both: the paper;
-- ``auto``: ``convert()``, the default: per activation site the option keeping the fewest bytes.
+- ``full``: ``convert(activations="approx", norms="fold")``, both: the paper;
+- ``auto``: ``convert()``, the default: per activation site the exact option keeping the fewest bytes,
+  memory-sharing LayerNorms that keep their own affine (exact).
 
 Part 2, shapes and depths (``--shapes``, on by default). ViT (timm), BERT and LLaMA (transformers)
 built from config at a small width with random weights and randomised norm affines, at several
-depths; for stock fp32, approx and auto: cosine of all parameter gradients together and of the
-input gradient (pixels, or ``inputs_embeds``) against stock in float64.
+depths; for stock fp32, approx (the paper: ``activations="approx", norms="fold"``) and auto: cosine
+of all parameter gradients together and of the input gradient (pixels, or ``inputs_embeds``) against
+stock in float64.
 
-Folding moves each LayerNorm's gamma/beta into the consumer Linear (W' = W * gamma,
-b' = b + W @ beta), so a converted model has other parameters than the original. To compare like
+Folding (``norms="fold"``) moves each LayerNorm's gamma/beta into the consumer Linear (W' = W * gamma,
+b' = b + W @ beta), so a folded model has other parameters than the original. To compare like
 with like, the converted model is called through ``torch.func.functional_call`` with W', b' built
 from the original tensors inside autograd; backward then gives dL/dW, dL/db, dL/dgamma, dL/dbeta in
 the original parameterisation (the chain rule of the fold done by autograd, not by hand).
@@ -58,10 +61,10 @@ from train_digits import build_vit, digits_tensors  # noqa: E402
 
 VARIANTS = {  # name -> convert() options, None for the unconverted float32 model
     "fp32": None,
-    "norms": {"activations": False},
+    "norms": {"activations": False, "norms": "fold"},
     "acts": {"norms": False, "activations": "approx"},
-    "full": {"activations": "approx"},
-    "auto": {},
+    "full": {"activations": "approx", "norms": "fold"},  # the paper
+    "auto": {},  # the default: exact recompute, norms keep their affine
 }
 
 
@@ -174,7 +177,7 @@ def options_chosen(model: nn.Module) -> str:
 
 
 SHAPE_FAMILIES = ("vit", "bert", "llama")
-SHAPE_VARIANTS = {"fp32": None, "approx": {"activations": "approx"}, "auto": {}}
+SHAPE_VARIANTS = {"fp32": None, "approx": {"activations": "approx", "norms": "fold"}, "auto": {}}
 
 
 def shape_model(family: str, depth: int) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
@@ -273,7 +276,8 @@ def shapes_markdown(rows: list[dict], depths: tuple[int, ...]) -> list[str]:
         "",
         f"Depths {list(depths)}, batch 8; reference: the stock model in float64. Cosine similarity of all parameter "
         "gradients together and of the input gradient (pixels / `inputs_embeds`); fp32 = the stock model in float32 "
-        '(the rounding floor), approx = `convert(activations="approx")` (the paper), auto = `convert()`.',
+        '(the rounding floor), approx = `convert(activations="approx", norms="fold")` (the paper), '
+        "auto = `convert()` (the default, exact).",
         "",
         "| model | blocks | fp32 params | approx params | auto params | fp32 input | approx input | auto input "
         "| auto chose |",
@@ -358,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         f"beta in [{betas.min():.3f}, {betas.max():.3f}]",
         f"- gradient batch: {len(x)} held-out images (loss {batch_loss:.4f}); reference: the original model in float64",
         "- columns: cos = cosine similarity, rel = ||g - g_ref|| / ||g_ref||, norm ratio = ||g|| / ||g_ref||; "
-        "fp32 = original model in float32 (rounding floor), norms = norm-only conversion (exact), "
-        'acts = ReGELU2 only, full = both (the paper, `activations="approx"`), auto = `convert()` '
-        f"({auto_choice})",
+        'fp32 = original model in float32 (rounding floor), norms = norm-only conversion, folded (`norms="fold"`, '
+        'exact), acts = ReGELU2 only, full = both (the paper, `activations="approx", norms="fold"`), '
+        f"auto = `convert()` (the default: {auto_choice}; norms keep their affine)",
         "",
         "| block | fp32 rel | norms cos | norms rel | acts cos | acts rel | full cos | full rel | full norm ratio "
         "| auto cos | auto rel |",
@@ -418,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": shapes,
     }
     print(json.dumps(summary))
-    # the exact variants must sit at the float32 floor; anything else is a folding bug
-    exact_ok = all(summary["min_cos"][v] > 1 - 1e-6 and math.isfinite(summary["max_rel"][v]) for v in ("fp32", "norms"))
-    # auto picks exact options wherever they keep no more bytes; where it chose no 2-bit site it must be exact too
-    exact_ok &= all(r["auto"]["params_cos"] > 1 - 1e-6 for r in shapes if "approx" not in r["auto_choice"])
+    # the exact variants must sit at the float32 floor (the default included: auto never approximates);
+    # anything else is a folding or norm bug
+    exact = ("fp32", "norms", "auto")
+    exact_ok = all(summary["min_cos"][v] > 1 - 1e-6 and math.isfinite(summary["max_rel"][v]) for v in exact)
+    exact_ok &= all(r["auto"]["params_cos"] > 1 - 1e-6 and "approx" not in r["auto_choice"] for r in shapes)
     return 0 if exact_ok else 1
 
 

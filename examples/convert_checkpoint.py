@@ -5,7 +5,8 @@ Two round trips, on tiny models built from configs (no hub access needed):
 1. transformers: a LLaMA decoder with randomised RMSNorm weights, ``save_pretrained`` to a folder,
    ``lowmembp-convert IN OUT --verify --json``, then ``AutoModelForCausalLM.from_pretrained(OUT)``
    (stock transformers, no lowmembp_convert involved) must give the original logits; finally
-   ``lowmembp_convert.convert`` on the reloaded model recognises the folded norms.
+   ``lowmembp_convert.convert`` on the reloaded model recognises the folded norms (the CLI folds the
+   affine on disk, the paper's form) and shares their identity affine as it is.
 2. timm: a ViT state dict in a ``.safetensors`` file, converted with ``--arch`` and ``--model-kwargs``,
    loaded into a stock ``timm.create_model`` with ``load_state_dict``.
 
@@ -92,7 +93,8 @@ def transformers_round_trip(tmp: Path) -> dict:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp / "llama-lowmembp").eval()  # the stock class
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
-    # converting the reloaded model: its norms are recognised as folded, nothing is folded twice
+    # converting the reloaded model: its norms are recognised as folded and (norms="share", the default)
+    # become memory-sharing norms with their identity affine; nothing is folded twice
     lowmembp_convert.convert(reloaded, verify=True)  # example inputs from the config (use_cache off)
     rep = reloaded.lowmembp_report
     print(rep, file=sys.stderr)

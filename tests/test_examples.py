@@ -95,8 +95,10 @@ def test_train_digits(launched) -> None:
 
 def test_grad_fidelity(launched) -> None:
     summary = _finish(launched, "grad_fidelity")
-    # exact variants sit at the float32 floor: norm-only conversion gives cosine 1 on every tensor
-    for exact in ("fp32", "norms"):
+    # exact variants sit at the float32 floor: the folded norm-only conversion and the default (auto:
+    # exact recompute, norms keeping their affine) give cosine 1 on every tensor
+    assert summary["auto_choice"] == "gelu recompute x4"
+    for exact in ("fp32", "norms", "auto"):
         assert summary["min_cos"][exact] > 1 - 1e-9
         assert summary["max_rel"][exact] < 1e-5
     # the approximate GELU backward bends gradients but keeps their direction overall
@@ -105,6 +107,8 @@ def test_grad_fidelity(launched) -> None:
     # nothing after the last GELU is approximated: the head's gradients stay exact
     assert summary["blocks"]["full"]["head"]["cos"] > 1 - 1e-9
     assert summary["tensors"] == 55
+    for row in summary["shapes"]:  # the default never approximates, at any depth
+        assert "approx" not in row["auto_choice"] and row["auto"]["params_cos"] > 1 - 1e-9, row
 
 
 def test_hf_lora_trainer(launched) -> None:
