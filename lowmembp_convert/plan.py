@@ -68,7 +68,7 @@ class ActivationSite:
     inplace: bool = False  # the module writes its result into its input; the replacement does too
     bitwise: bool = False  # the module's output is torch's op bit for bit (a recompute rebuilds it exactly)
     action: ActivationAction = "convert"
-    option: ActivationOption = "approx"
+    option: ActivationOption | None = "approx"  # None: left stock (the planner decided against converting)
     # bytes kept for backward on the example batch per option ("stock", "approx", "recompute"), when planned
     estimate: dict[str, int] = field(default_factory=dict)
     recompute: object | None = None  # the proven RecomputeSite when option == "recompute"

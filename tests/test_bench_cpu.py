@@ -38,7 +38,8 @@ def test_tiny_benchmark_converted_saves_memory_and_the_table_is_complete(tmp_pat
     for name in ONE_PER_FAMILY:
         for column in ("approx", "auto"):
             assert 0 < _value(results, name, column) < _value(results, name, "eager"), (name, column)
-        # auto takes, per site, the option keeping the fewest bytes: never more than the paper's
+        # auto takes, per site, the exact option keeping the fewest bytes (never the 2-bit one); on these
+        # families that is the recompute, which keeps no more than the paper's 2-bit codes
         assert _value(results, name, "auto") <= _value(results, name, "approx"), name
     # the fused gate_up MLP: the 2-bit option keeps the whole gate_up output alive through `up`;
     # recompute keeps only that output, so auto clearly beats approx there

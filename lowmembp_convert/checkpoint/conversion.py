@@ -5,8 +5,8 @@ Steps, in order, so every check happens before anything is written:
    temporary directories that killed runs left for the same ``ckpt_out`` (see :mod:`.atomic`);
 2. read the shard headers (corrupt or truncated files fail here);
 3. build the model skeleton on ``meta``, check every tensor's shape against it (a wrong head size
-   fails here), and plan the conversion (``plan_conversion``); the norms that keep their affine are
-   then decided on their real weights (the small norm vectors are read), as ``convert()`` would;
+   fails here), and plan the conversion (``plan_conversion`` with ``norms="fold"``: on disk the
+   affine is folded, the paper's form); a norm that cannot be folded keeps its affine untouched;
 4. turn the plan into tensor edits on checkpoint keys (missing keys, dtypes, shapes fail here); a
    plan that folds nothing (a post-norm model) writes nothing unless ``force_copy``;
 5. stream the shards into a temporary directory beside ``ckpt_out``, copy the other files, write

@@ -28,9 +28,10 @@ def find_activations(model: nn.Module, config: ConvertConfig, plan: Plan, detect
         site = ActivationSite(module=fqn, kind=spec.kind, inplace=spec.inplace, bitwise=spec.bitwise)
         hooks = module_hooks(module)
         if not selected(config, module, fqn):
-            site.action, site.reason = "skip", "excluded by filter_fn"
+            site.action, site.option, site.reason = "skip", None, "excluded by filter_fn"
         elif hooks:
-            site.action, site.reason = "skip", f"has {', '.join(hooks)} registered on it; a swap would drop them"
+            site.action, site.option = "skip", None
+            site.reason = f"has {', '.join(hooks)} registered on it; a swap would drop them"
         plan.activations.append(site)
 
 

@@ -64,11 +64,11 @@ def plan_activations(
         site.estimate = dict(est.bytes)
         exact = {k: v for k, v in est.bytes.items() if k != "approx"}  # auto and recompute: exact only
         if not exact:
-            site.action, site.reason = "skip", "not called in the traced forward"
+            site.action, site.option, site.reason = "skip", None, "not called in the traced forward"
             continue
         best = min(exact, key=lambda k: (exact[k], OPTIONS.index(k)))
         if best == "stock":
-            site.action = "skip"
+            site.action, site.option = "skip", None
             if "recompute" not in est.bytes:
                 site.reason = f"left stock (exact): recompute is not possible here ({est.why_not_recompute})"
             else:
@@ -90,7 +90,7 @@ def plan_activations_without_graph(plan: Plan) -> None:
     for site in plan.activations:
         if site.action != "convert":
             continue
-        site.action = "skip"
+        site.action, site.option = "skip", None
         site.reason = (
             "left stock (exact): graph capture failed, so recompute cannot be proven; pass example_inputs to "
             "convert(), or activations='approx' for the 2-bit approximate gradient"

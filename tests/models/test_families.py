@@ -119,7 +119,9 @@ def test_approx_on_request_converts_the_sites_auto_leaves_stock(name: str) -> No
     assert sorted(s.module for s in plan.activations if s.action == "convert") == sorted(activation_modules(original))
     for site in plan.activations:
         assert site.option == "approx", site.module
-        assert not is_activation_module(converted.get_submodule(site.module)), f"{site.module} was planned approx but left"
+        assert not is_activation_module(converted.get_submodule(site.module)), (
+            f"{site.module} was planned approx but left"
+        )
     assert "APPROXIMATE (2-bit, activations='approx')" in str(converted.lowmembp_report)
     inputs = family.inputs(1, 3)
     with torch.no_grad():  # the 2-bit option approximates the backward only
