@@ -14,20 +14,12 @@ turn its mistakes into refusals, which is the safety net, not the proof); the fo
 from __future__ import annotations
 
 import pytest
-import torch
 from fuzz_models import FuzzModel, example_inputs, with_lora
 from rule import convert_checked
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/adversarial/conftest.py
+
 SEEDS = range(300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (the 300 models, each converted twice, stay quick)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

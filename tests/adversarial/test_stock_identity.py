@@ -24,16 +24,9 @@ from tiny_zoo import FAMILIES, cross_entropy, forward, relative_error
 from lowmembp_convert import convert
 from lowmembp_convert.demo import _randomise_norms
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/adversarial/conftest.py
+
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (100x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ms_modules(model: nn.Module) -> list[str]:
