@@ -51,6 +51,30 @@ def _check_model(model: object) -> None:
         )
 
 
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model inside its wrappers (``DistributedDataParallel``, ``DataParallel``, accelerate's
+    prepared model, ``torch.compile``'s ``OptimizedModule``), and the wrappers' names outermost first.
+
+    These hold the model as one child and forward to it, so converting the child in place is
+    converting the model: parameters are the same objects (the default changes none), and the
+    wrapper's hooks and buckets still see them. A compiled wrapper recompiles on its next call (the
+    rewritten modules' classes fail its guards). PEFT models are not wrappers here: their layers are
+    analysed as they are. FSDP2's ``fully_shard`` changes the module in place (no wrapper):
+    convert before sharding.
+    """
+    names = []
+    while True:
+        inner = None
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        if inner is None:
+            return model, names
+        names.append(type(model).__name__)
+        model = inner
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -83,6 +107,13 @@ def convert(model: nn.Module, config: ConvertConfig | None = None, **overrides) 
         Any exception raised while converting leaves the model exactly as it was.
     """
     _check_model(model)
+    inner, wrappers = unwrap(model)
+    if wrappers:  # DDP, DataParallel, torch.compile: the model inside is what computes
+        convert(inner, config, **overrides)
+        report = getattr(inner, REPORT_ATTR)
+        report.notes.append(f"converted the model inside {' -> '.join(wrappers)}; the wrapper is unchanged")
+        setattr(model, REPORT_ATTR, report)
+        return model
     config = resolve_config(config, overrides)
     notes: list[str] = []
     meta = _on_meta(model)

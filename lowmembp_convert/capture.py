@@ -140,11 +140,17 @@ def example_inputs_for(
             _add_flags(model, config, kwargs)
         return (), kwargs
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:
-        channels, h, w = pretrained_cfg["input_size"]
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    timm_class = type(model).__module__.startswith("timm.")
+    if (isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg) or (timm_class and first_conv):
+        # a timm model: from its pretrained cfg, or built from its class (no cfg) at timm's default 224
+        channels, h, w = (
+            pretrained_cfg["input_size"]
+            if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size")
+            else (3, 224, 224)
+        )
         # a model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
         # likewise in_chans=...: the first convolution reads the image
-        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if first_conv is not None:
             channels = first_conv.in_channels
         for module in model.modules():

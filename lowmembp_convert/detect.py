@@ -101,9 +101,22 @@ def takes_one_tensor(module: nn.Module) -> bool:
 class ActivationSpec:
     """What a verified activation module computes."""
 
-    kind: ActivationKind
+    kind: ActivationKind  # the known function it matches (to rounding), or "elementwise" (none known)
     inplace: bool  # it writes its result into its input (nn.GELU/SiLU(inplace=True) and the like)
     bitwise: bool = False  # its output is torch's op bit for bit (float32 and bfloat16): recompute may rebuild it
+    # proven pure and elementwise (deterministic, each output element a function of the same input
+    # element only, in float32 and bfloat16): a recompute may re-run the module itself in backward
+    elementwise: bool = False
+    saves: StockSaves | None = None  # what its stock backward keeps (measured on a probe)
+
+
+@dataclass(frozen=True)
+class StockSaves:
+    """What an activation module's own autograd graph keeps for backward, per byte of its input."""
+
+    input: bool  # its input tensor
+    output: bool  # its output tensor (tanh, sigmoid, relu keep their result)
+    extra: float  # other tensors (intermediates of a composite forward), in multiples of the input's bytes
 
 
 class Detector:
@@ -180,7 +193,13 @@ def _bitwise_in_bf16(probe: nn.Module, fn, x: torch.Tensor) -> bool:
 
 
 def _match_activation(module: nn.Module) -> ActivationSpec | None:
-    """Run a copy of the module (so no state of the user's is touched) on a probe, in both modes."""
+    """Run a copy of the module (so no state of the user's is touched) on a probe, in both modes.
+
+    A known function (GELU, tanh-GELU, SiLU) to rounding gives its kind (the 2-bit option and the
+    Triton recompute when bit for bit); otherwise a module proven pure and elementwise is kind
+    ``"elementwise"`` (exact recompute by re-running it). An identity (``nn.Identity``, a dropout
+    with p = 0 or in eval mode) is not an activation.
+    """
     with torch.device("cpu"):
         x = _activation_probe()
         try:
@@ -201,12 +220,79 @@ def _match_activation(module: nn.Module) -> ActivationSpec | None:
             mutated = not torch.equal(given, x)
             if mutated and not (y.data_ptr() == given.data_ptr() or torch.equal(given, y)):
                 return None  # writes something other than its result into its input
+            if torch.equal(y, x):
+                return None  # an identity: nothing to recompute or approximate
             match = next(((k, fn) for k, fn in _ACTIVATIONS if torch.allclose(y, fn(x), rtol=1e-5, atol=1e-6)), None)
-            if match is None:
+            elementwise = not mutated and _proves_elementwise(probe, x, y)
+            if match is None and not elementwise:
                 return None
-            kind, fn = match
-            found.add(ActivationSpec(kind, mutated, torch.equal(y, fn(x)) and _bitwise_in_bf16(probe, fn, x)))
+            kind, fn = match if match is not None else ("elementwise", None)
+            bitwise = fn is not None and torch.equal(y, fn(x)) and _bitwise_in_bf16(probe, fn, x)
+            saves = _stock_saves(probe, x) if elementwise else None
+            found.add(ActivationSpec(kind, mutated, bitwise, elementwise, saves))
     return found.pop() if len(found) == 1 else None
+
+
+def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    try:
+        with torch.no_grad():
+            y = probe(x)
+    except Exception:
+        return None
+    return y if isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype else None
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor, ulps: int = 0) -> bool:
+    """Equal bit for bit (``ulps`` 0), or within ``ulps`` units of b's precision elementwise."""
+    if a is None or a.shape != b.shape:
+        return False
+    a, b = a.nan_to_num(), b.nan_to_num()
+    if not ulps:
+        return torch.equal(a, b)
+    eps = torch.finfo(b.dtype).eps
+    return bool(((a.double() - b.double()).abs() <= ulps * eps * b.double().abs() + 1e-30).all())
+
+
+def _proves_elementwise(probe: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Pure and elementwise, in float32 and bfloat16: the same input gives the same bits again (no
+    randomness, no state: what a backward re-running the module on the kept input relies on); a
+    permuted input gives the permuted result and a prefix of the flattened input the prefix of the
+    result (no reduction, no dependence on position or shape). The last two hold to a few ulps, not
+    bit for bit: CPU kernels round a vector loop's tail differently from its body."""
+    gen = torch.Generator().manual_seed(3)
+    perm = torch.randperm(x.numel(), generator=gen)
+    for given in (x, x.to(torch.bfloat16)):
+        expected = y if given.dtype == y.dtype else _run(probe, given.clone())
+        if expected is None or not _same(_run(probe, given.clone()), expected):
+            return False
+        flat, out = given.reshape(-1), expected.reshape(-1)
+        moved = (
+            (flat[perm].reshape(x.shape), out[perm].reshape(x.shape)),
+            (flat[:1000].clone(), out[:1000]),
+            (flat[perm[:7]].reshape(7, 1), out[perm[:7]].reshape(7, 1)),
+        )
+        if not all(_same(_run(probe, inp), exp, ulps=4) for inp, exp in moved):
+            return False
+    return True
+
+
+def _stock_saves(probe: nn.Module, x: torch.Tensor) -> StockSaves:
+    """What the module's autograd graph keeps on a float32 probe, by storage (a view counts as its base)."""
+    x = x.detach().clone().requires_grad_(True)
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            y = probe(x)
+    except Exception:
+        return StockSaves(True, False, 0.0)
+    ptr_x, ptr_y = x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()
+    extra = sum(t.untyped_storage().nbytes() for p, t in kept.items() if p not in (ptr_x, ptr_y))
+    return StockSaves(ptr_x in kept, ptr_y in kept, extra / (x.numel() * x.element_size()))
 
 
 def _norm_params(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 NormKind = Literal["layer_norm", "rms_norm"]
-ActivationKind = Literal["gelu", "gelu_tanh", "silu"]
+# "elementwise": no known function, but proven pure and elementwise (recompute re-runs the module)
+ActivationKind = Literal["gelu", "gelu_tanh", "silu", "elementwise"]
 # fold:        the norm's weight and bias move into the consumers (every consumer has a bias when the
 #              norm does); the MS norm then emits x_hat and backward needs no division.
 # keep_affine: consumers keep the norm output as-is (post-norm residual, tied weights...); the MS
@@ -67,6 +68,9 @@ class ActivationSite:
     kind: ActivationKind
     inplace: bool = False  # the module writes its result into its input; the replacement does too
     bitwise: bool = False  # the module's output is torch's op bit for bit (a recompute rebuilds it exactly)
+    elementwise: bool = False  # proven pure and elementwise: a recompute may re-run the module itself
+    # what the stock module keeps for backward: its input, its output, other tensors (multiples of the input)
+    stock_keeps: tuple[bool, bool, float] = (True, False, 0.0)
     action: ActivationAction = "convert"
     option: ActivationOption | None = "approx"  # None: left stock (the planner decided against converting)
     # bytes kept for backward on the example batch per option ("stock", "approx", "recompute"), when planned

@@ -8,6 +8,7 @@ float32 numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,3 +44,18 @@ RESILU2 = StepDerivative(
     a=(-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
     c=(-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# GELU constants of the exact kernels (kernels/activations.py, kernels/recompute.py), derived here from
+# their definitions; tests/ops/test_kernel_constants.py checks every literal in the kernels against them.
+# --------------------------------------------------------------------------------------------------
+
+GELU_TANH_KAPPA = 0.044715  # the cubic coefficient of the tanh approximation (Hendrycks & Gimpel)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # k in tanh(k (x + kappa x^3))
+INV_SQRT2 = math.sqrt(0.5)  # erf-GELU: Phi(x) = 0.5 (1 + erf(x / sqrt(2)))
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # erf-GELU: phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+# tanh-GELU's derivative has k (1 + 3 kappa x^2). PyTorch's kernels form 3 * kappa in float32 (two
+# float32 operands, one rounding); the float64 product 3 * 0.044715 rounds to a different float32
+# (0.134145 is one float32 step away), so the kernels use this value, not round(3 * kappa):
+GELU_TANH_3KAPPA_FP32 = float(np.float32(np.float32(3.0) * np.float32(GELU_TANH_KAPPA)))

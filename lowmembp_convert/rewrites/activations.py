@@ -1,4 +1,5 @@
-"""Rewrite: GELU/SiLU activation sites (found by behaviour) and the functional calls left exact.
+"""Rewrite: activation sites (GELU/SiLU and any pure elementwise module, found by behaviour) and the
+functional calls left exact.
 
 Which option a site takes (stock, exact recompute, 2-bit approximation) is the planner's decision
 (``rewrites.planner``); the 2-bit swap is done by ``rewrites.apply``, the recompute by
@@ -25,10 +26,20 @@ def find_activations(model: nn.Module, config: ConvertConfig, plan: Plan, detect
         spec = detector.activation(module)
         if spec is None:
             continue
-        site = ActivationSite(module=fqn, kind=spec.kind, inplace=spec.inplace, bitwise=spec.bitwise)
+        site = ActivationSite(
+            module=fqn, kind=spec.kind, inplace=spec.inplace, bitwise=spec.bitwise, elementwise=spec.elementwise
+        )
+        if spec.saves is not None:
+            site.stock_keeps = (spec.saves.input, spec.saves.output, spec.saves.extra)
         hooks = module_hooks(module)
         if not selected(config, module, fqn):
             site.action, site.option, site.reason = "skip", None, "excluded by filter_fn"
+        elif spec.kind == "elementwise" and config.activations == "approx":
+            site.action, site.option = "skip", None
+            site.reason = (
+                f"left stock: {type(module).__name__} has no 2-bit form (not GELU/SiLU); "
+                "activations='auto' recomputes it exactly"
+            )
         elif hooks:
             site.action, site.option = "skip", None
             site.reason = f"has {', '.join(hooks)} registered on it; a swap would drop them"

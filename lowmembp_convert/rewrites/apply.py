@@ -19,6 +19,7 @@ from ..plan import ActivationSite, NormSite, Plan
 from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
 from .norms import module_hooks
+from .planner import recompute_kind
 from .recompute import rewrite_container
 
 
@@ -228,7 +229,7 @@ def apply_plan(
             _handoff(model, site)
             continue
         if site.option == "recompute":
-            containers.setdefault(site.recompute.container, []).append((site.recompute, site.kind))
+            containers.setdefault(site.recompute.container, []).append((site.recompute, recompute_kind(site)))
             continue
         old = model.get_submodule(site.module)
         replace_module(model, old, _activation_for(site, old))

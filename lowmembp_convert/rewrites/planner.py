@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import Capture
+from ..ops.recompute_module import BY_MODULE
 from ..plan import Plan
 from .recompute import OPTIONS, check_container, estimate_site, grad_nodes
 
@@ -46,21 +47,26 @@ def plan_activations(
             continue
         module = model.get_submodule(site.module)
         est = estimate_site(
-            model, capture.graph, set(module_names[id(module)]), state, capture.param_of_placeholder, needs_grad
+            model,
+            capture.graph,
+            set(module_names[id(module)]),
+            state,
+            capture.param_of_placeholder,
+            needs_grad,
+            site.stock_keeps,
         )
+        if site.kind == "elementwise":
+            est.bytes.pop("approx", None)  # no 2-bit form of an arbitrary function
         if est.recompute is not None and est.recompute.layout != "handoff":
             container = model.get_submodule(est.recompute.container)
-            why = check_container(container, [(est.recompute, site.kind)])
+            why = check_container(container, [(est.recompute, recompute_kind(site))])
             if why:
                 est.recompute, est.why_not_recompute = None, why
                 est.bytes.pop("recompute", None)
-        if "recompute" in est.bytes and (site.inplace or not site.bitwise):
+        why = _recompute_refused(site, est, module)
+        if why and "recompute" in est.bytes:
             est.bytes.pop("recompute")
-            est.why_not_recompute = (
-                "in-place activation"
-                if site.inplace
-                else f"{type(module).__name__} is not torch's {site.kind} bit for bit"
-            )
+            est.why_not_recompute = why
         site.estimate = dict(est.bytes)
         exact = {k: v for k, v in est.bytes.items() if k != "approx"}  # auto and recompute: exact only
         if not exact:
@@ -83,6 +89,25 @@ def plan_activations(
                 site.reason = f"exact recompute in {r.consumer}, handed the input over from this module"
             else:
                 site.reason = f"exact recompute in {r.container or '<root>'}.{r.consumer}"
+
+
+def recompute_kind(site) -> str:
+    """What the fused op rebuilds the activation with: torch's op (and its Triton kernel) where the
+    module is that op bit for bit, else the module itself (:data:`BY_MODULE`)."""
+    return site.kind if site.bitwise else BY_MODULE
+
+
+def _recompute_refused(site, est, module: nn.Module) -> str:
+    if site.inplace:
+        return "in-place activation"
+    if not (site.bitwise or site.elementwise):
+        return f"{type(module).__name__} is not torch's {site.kind} bit for bit, nor proven pure and elementwise"
+    if est.recompute is not None and est.recompute.layout == "handoff" and not site.bitwise:
+        return (
+            f"{type(module).__name__} and its consumer are in different modules and it is not torch's "
+            f"{site.kind} bit for bit (the hand-off rebuilds torch's op)"
+        )
+    return ""
 
 
 def plan_activations_without_graph(plan: Plan) -> None:

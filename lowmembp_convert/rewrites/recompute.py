@@ -32,6 +32,7 @@ from ..graph_calls import call_inputs, module_calls
 from ..nn.handoff import HandoffLinear
 from ..observers import hooked, note_switched_off
 from ..ops.recompute import act_linear
+from ..ops.recompute_module import BY_MODULE, module_act_linear
 from ..transaction import preserved_modes
 
 aten = torch.ops.aten
@@ -141,12 +142,15 @@ def estimate_site(
     state: set[fx.Node],
     param_of_placeholder: dict[str, str],
     needs_grad: set[fx.Node] | None = None,
+    stock_keeps: tuple[bool, bool, float] = (True, False, 0.0),
 ) -> Estimate:
     """Bytes each option keeps at the activation module known under ``names``, and whether the
     graph proves the recompute pattern (one call, ``consumer(act(a) [* u])``, nothing else reading).
 
     ``needs_grad``: the nodes whose values require a gradient (:func:`grad_nodes`); an op keeps an
-    input for backward only when the gradient it serves is needed. None: every node does."""
+    input for backward only when the gradient it serves is needed. None: every node does.
+    ``stock_keeps``: what the stock activation keeps (its input, its output, other tensors in
+    multiples of its input's bytes), as measured by ``detect`` (torch's GELU/SiLU: the input only)."""
 
     def grad(node) -> bool:
         return needs_grad is None or node in needs_grad
@@ -166,8 +170,14 @@ def estimate_site(
             continue
         (a,), (h,) = tuple(inputs), outputs
         a_val, h_val = _val(a), _val(h)
+        keeps_input, keeps_output, extra = stock_keeps
         if grad(a):  # the activation keeps its input (or its 2-bit code) only for da
-            stock.add(a_val)
+            if keeps_input:
+                stock.add(a_val)
+            if keeps_output:
+                stock.add(h_val)
+            if extra and a_val is not None:
+                stock.add_bytes(("intermediates", index), round(extra * a_val.numel() * a_val.element_size()))
             approx.add_bytes(("codes", index), math.ceil(a_val.numel() / 4) if a_val is not None else 0)
             recompute.add(a_val)
         user, _chain = _single_user_chain(h)
@@ -398,10 +408,10 @@ def recompute_act_linear(
     """
     # only weights needing gradients: the fused op would keep a and u where stock keeps the product
     needs_input_grad = a.requires_grad or (u is not None and u.requires_grad)
-    if needs_input_grad and _fused_applies(a, u, act, between, consumer, layout, stamp):
+    if needs_input_grad and _fused_applies(a, u, act, between, consumer, layout, stamp, kind):
         if layout == "lora":
-            return _lora_act_linear(a, u, consumer, kind)
-        return act_linear(a, u, consumer.weight, consumer.bias, kind, layout)
+            return _lora_act_linear(a, u, consumer, kind, act)
+        return _fused(a, u, act, consumer.weight, consumer.bias, kind, layout)
     if not torch.compiler.is_compiling() and hooked(act, *between, consumer):
         note_switched_off(f"{type(act).__name__} -> {type(consumer).__name__}")
     p = act(a)
@@ -420,9 +430,13 @@ def _fused_applies(
     consumer: nn.Module,
     layout: str,
     stamp: str,
+    kind: str = "",
 ) -> bool:
     """The modules are still what the rewrite proved: the consumer a stock Linear / Conv1D (or a
-    vanilla PEFT LoRA layer), identities in between, the same activation, no hook on any of them."""
+    vanilla PEFT LoRA layer), identities in between, the same activation, no hook on any of them.
+    A recompute by the module itself runs in eager mode only (compiled or under ``torch.func``: stock)."""
+    if kind == BY_MODULE and (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        return False
     if layout == "lora":
         from .adapter_inputs import lora_runtime_modules
 
@@ -439,17 +453,25 @@ def _fused_applies(
     return activation_stamp(act) == stamp
 
 
-def _lora_act_linear(a: torch.Tensor, u: torch.Tensor | None, layer: nn.Module, kind: str) -> torch.Tensor:
+def _fused(a, u, act: nn.Module, weight, bias, kind: str, layout: str = "linear", in_dtype=None) -> torch.Tensor:
+    if kind == BY_MODULE:
+        return module_act_linear(a, u, act, weight, bias, layout, in_dtype)
+    return act_linear(a, u, weight, bias, kind, layout, in_dtype=in_dtype)
+
+
+def _lora_act_linear(
+    a: torch.Tensor, u: torch.Tensor | None, layer: nn.Module, kind: str, act: nn.Module
+) -> torch.Tensor:
     """PEFT's vanilla LoRA forward on p = act(a) [* u], each Linear through the fused op (keeping a, u):
     ``base(p) + sum(lora_B(lora_A(p.to(A.dtype))) * scaling)``, cast back to the base result's dtype."""
     base = layer.base_layer
-    result = act_linear(a, u, base.weight, base.bias, kind)
+    result = _fused(a, u, act, base.weight, base.bias, kind)
     result_dtype = result.dtype
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
         lora_a = layer.lora_A[name]
-        h = act_linear(a, u, lora_a.weight, lora_a.bias, kind, in_dtype=lora_a.weight.dtype)
+        h = _fused(a, u, act, lora_a.weight, lora_a.bias, kind, in_dtype=lora_a.weight.dtype)
         result = result + layer.lora_B[name](h) * layer.scaling[name]
     return result.to(result_dtype)
 

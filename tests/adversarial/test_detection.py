@@ -67,13 +67,15 @@ def test_a_stored_callable_decides_the_verdict() -> None:
     model = nn.Sequential(gelu, relu)
     convert_checked(model, _x())
     plan = model.lowmembp_report.plan
-    assert [s.module for s in plan.activations] == ["0.act"], "the ReLU wrapper must not borrow the GELU verdict"
+    kinds = {s.module: s.kind for s in plan.activations}
+    assert kinds == {"0.act": "gelu", "1.act": "elementwise"}, "the ReLU wrapper must not borrow the GELU verdict"
+    assert plan.activations[1].action == "skip"  # ReLU keeps its output, which fc2 keeps anyway: a tie
 
 
 def test_verdicts_do_not_leak_across_models() -> None:
     convert(Mlp(Act(F.gelu)), example_inputs=_x())
     model = convert_checked(Mlp(Act(F.relu)), _x())
-    assert not model.lowmembp_report.plan.activations
+    assert [s.kind for s in model.lowmembp_report.plan.activations] == ["elementwise"]
     assert type(model.act) is Act
 
 

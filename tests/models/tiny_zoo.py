@@ -35,8 +35,12 @@ _ACTIVATION_CLASSES = {
 }
 
 
+# Elementwise activations by type (torch's): the analysis finds any pure elementwise module.
+_ELEMENTWISE_TORCH = (nn.GELU, nn.SiLU, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.Softplus)
+
+
 def is_activation_module(module: nn.Module) -> bool:
-    if isinstance(module, (nn.GELU, nn.SiLU)):
+    if isinstance(module, _ELEMENTWISE_TORCH):
         return True
     return type(module).__name__ in _ACTIVATION_CLASSES.get(type(module).__module__, ())
 
@@ -257,11 +261,7 @@ FAMILIES: dict[str, Family] = {
             inputs=_text_inputs(VOCAB),
             embedding="transformer.wte.weight",
             keep={"transformer.ln_f": _RETURNED},
-            # NewGELUActivation writes tanh-GELU out by hand: a recompute with torch's op is not exact
-            stock_activations={
-                r"transformer\.h\.\d\.mlp\.act": r"recompute is not possible here \(NewGELUActivation is not "
-                r"torch's gelu_tanh bit for bit\)"
-            },
+            # NewGELUActivation writes tanh-GELU out by hand: recomputed by re-running the module itself
         ),
         # BERT / RoBERTa: post-norm. Each encoder norm's output feeds the next block's Linear *and* its
         # residual add, so the affine stays in the norm. The embeddings norm reaches its consumers
@@ -280,6 +280,8 @@ FAMILIES: dict[str, Family] = {
                 r"bert\.encoder\.layer\.1\.output\.LayerNorm": _RETURNED,
             },
             skip={r"bert\.embeddings\.LayerNorm": r"sharing would break: dropout .*\(p=0\.1\)"},
+            # the pooler's tanh keeps its output, which the classifier keeps anyway (through a dropout)
+            stock_activations={r"bert\.pooler\.activation": r"recompute is not possible here"},
         ),
         Family(
             "roberta",
