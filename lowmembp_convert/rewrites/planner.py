@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..capture import Capture
 from ..ops.recompute_module import BY_MODULE
 from ..plan import Plan
-from .recompute import OPTIONS, check_container, estimate_site, grad_nodes
+from .recompute import OPTIONS, RecomputeSite, check_container, estimate_site, grad_nodes
 
 
 def _size(n: int) -> str:
@@ -60,7 +60,10 @@ def plan_activations(
         if est.recompute is not None and est.recompute.layout != "handoff":
             container = model.get_submodule(est.recompute.container)
             why = check_container(container, [(est.recompute, recompute_kind(site))])
-            if why:
+            handoff = _handoff_instead(model, site, est.recompute) if why else None
+            if handoff is not None:  # the container's forward cannot be rewritten: hand the input over
+                est.recompute = handoff
+            elif why:
                 est.recompute, est.why_not_recompute = None, why
                 est.bytes.pop("recompute", None)
         why = _recompute_refused(site, est, module)
@@ -89,6 +92,20 @@ def plan_activations(
                 site.reason = f"exact recompute in {r.consumer}, handed the input over from this module"
             else:
                 site.reason = f"exact recompute in {r.container or '<root>'}.{r.consumer}"
+
+
+def _handoff_instead(model: nn.Module, site, proven: RecomputeSite) -> RecomputeSite | None:
+    """Where the container's forward cannot be rewritten (torch.fx cannot trace BART's or Whisper's
+    encoder layer), a plain ``linear(act(a))`` with a stock Linear and torch's op bit for bit can
+    still take the hand-off between the two modules: the Linear recomputes only when it receives the
+    activation's very output (a dropout with p = 0 returns it), else it runs plainly (exact)."""
+    if proven.gated or proven.layout != "linear" or not site.bitwise or site.inplace:
+        return None
+    prefix = f"{proven.container}." if proven.container else ""
+    consumer = f"{prefix}{proven.consumer}"
+    if type(model.get_submodule(consumer)) is not nn.Linear:
+        return None
+    return RecomputeSite("", f"{prefix}{proven.activation}", consumer, "handoff", False)
 
 
 def recompute_kind(site) -> str:

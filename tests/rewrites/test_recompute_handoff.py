@@ -206,3 +206,48 @@ def test_in_place_edits_and_a_checkpoint_around_the_consumer_alone_take_the_plai
     compiled = torch.compile(model, fullgraph=True) if change is not _checkpointed_output_only else None
     if compiled is not None:  # compiled code cannot read versions: the hook on the path switches it off
         assert torch.allclose(compiled(_x()), stock(_x()), rtol=1e-5, atol=1e-6)
+
+
+class UntraceableLayer(nn.Module):
+    """BART / Whisper encoder layer's shape: fc1 -> act -> dropout(p=0) -> fc2 in one forward that
+    torch.fx cannot trace (a Python branch on a tensor's dtype), so the container is not rewritten
+    and the pair hands over instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(D, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, D)
+        self.activation_dropout = 0.0
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h = nn.functional.dropout(h, p=self.activation_dropout, training=self.training)
+        y = self.fc2(h) + x
+        if y.dtype == torch.float16:  # as BART: a branch on a tensor's dtype, which torch.fx cannot trace
+            y = y.clamp(-1e4, 1e4)
+        return y
+
+
+def test_a_container_fx_cannot_trace_hands_over_between_its_children() -> None:
+    torch.manual_seed(0)
+    stock = nn.Sequential(UntraceableLayer(), UntraceableLayer()).train()
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False)
+    sites = model.lowmembp_report.plan.activations
+    assert all(s.option == "recompute" and s.recompute.layout == "handoff" for s in sites), [s.reason for s in sites]
+    assert isinstance(model[0].act, HandoffActivation) and isinstance(model[0].fc2, HandoffLinear)
+    x = _x()
+    y0, y1 = stock(x), model(x)
+    assert torch.equal(y0, y1)
+    g0 = torch.autograd.grad(y0.square().sum(), list(stock.parameters()))
+    g1 = torch.autograd.grad(y1.square().sum(), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    saved = [activation_memory(lambda m=m: m(x).sum(), params=m).total for m in (stock, model)]
+    assert saved[1] < saved[0]
+    # a dropout switched on later: another tensor reaches fc2, which then runs plainly (exact)
+    for m in (stock, model):
+        for layer in m:
+            layer.activation_dropout = 0.5
+    torch.manual_seed(1)
+    z0 = stock(x)
+    torch.manual_seed(1)
+    z1 = model(x)
+    assert torch.equal(z0, z1)
