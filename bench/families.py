@@ -388,8 +388,8 @@ def run_family(name: str) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| family | kind | exact (fwd vs stock / grads vs fp64: ours vs stock) | per block | whole fwd | norms shared | activations "
-        "| left stock (first) |",
+        "| family | kind | exact (fwd vs stock / grads vs fp64: ours vs stock) | per block | whole fwd "
+        "| norms shared | activations | left stock (first) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
