@@ -1,4 +1,4 @@
-"""Per-family table: default ``convert(model)`` on 24 transformers and timm families, no example inputs.
+"""Per-family table: default ``convert(model)`` on 25 transformers and timm models, no example inputs.
 
 For each family, built from a tiny config (no hub) with random norm affines and biases, in training
 mode with dropout off (so stock and converted draw nothing random):
@@ -28,6 +28,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -42,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowmembp_convert as lc  # noqa: E402
 from lowmembp_convert.capture import example_inputs_for  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_memory import _cpu_name  # noqa: E402
 
 H, MLP, HEADS, VOCAB = 64, 256, 4, 128  # hidden, MLP width (4x), heads, vocabulary
 SEQ, BATCH = 32, 2
@@ -222,7 +226,9 @@ FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
             num_heads=(2, 4),
         ),
     ),  # fmt: skip
-    "convnext_timm": ("vision", _timm("convnext_atto", depths=(1, 1, "L", 1), dims=(16, 32, 64, 128))),
+    "convnext_timm": ("vision", _timm("convnext_tiny", depths=(1, 1, "L", 1), dims=(16, 32, 64, 128))),
+    # the atto/femto/pico variants put the MLP in 1x1 convolutions (conv_mlp=True): no recompute there
+    "convnext_atto_timm": ("vision", _timm("convnext_atto", depths=(1, 1, "L", 1), dims=(16, 32, 64, 128))),
     "mixer_timm_class": (
         "vision",
         _timm_class("timm.models.mlp_mixer.MlpMixer", img_size=32, patch_size=8, num_blocks="L", embed_dim=H),
@@ -429,7 +435,7 @@ def main() -> None:
     print(markdown(rows))
     if args.json:
         meta = {
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "machine": f"{platform.platform()}, {_cpu_name()}, {os.cpu_count()} logical CPUs",
             "date": datetime.date.today().isoformat(),
             "torch": torch.__version__,
             "seq": SEQ,

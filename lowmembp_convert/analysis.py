@@ -18,6 +18,7 @@ from .detect import Detector
 from .plan import NormSite, Plan
 from .rewrites.activations import find_activations, report_functional_activations
 from .rewrites.adapter_inputs import find_adapter_layers, plan_adapter_inputs
+from .rewrites.loss_head import find_loss_heads, plan_loss_heads
 from .rewrites.norms import NormAnalyzer, find_norms, module_hooks
 from .rewrites.planner import plan_activations, plan_activations_without_graph
 
@@ -29,6 +30,18 @@ def activation_mode(config: ConvertConfig) -> str | None:
     if config.activations is False:
         return None
     return "auto" if config.activations is True else config.activations
+
+
+def _rows(config: ConvertConfig, model: nn.Module) -> int | None:
+    """Token rows of the example batch (batch x sequence of its ids), for the loss head's estimate."""
+    from .capture import example_inputs_for
+
+    try:
+        args, kwargs = config.example_inputs or example_inputs_for(model, flags=False)
+    except Exception:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return int(ids.numel()) if hasattr(ids, "numel") and ids.dim() == 2 else None
 
 
 def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **overrides) -> Plan:
@@ -45,7 +58,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
     norms = find_norms(model, config, plan, detector) if config.norms else []
     planning = mode in ("auto", "recompute") and any(s.action == "convert" for s in plan.activations)
     adapters = config.adapter_inputs and bool(find_adapter_layers(model))
-    if not norms and not planning and not adapters:
+    heads = config.loss_head and bool(find_loss_heads(model, plan))
+    if not norms and not planning and not adapters and not heads:
         plan.capture = "not needed (" + ("no norm found" if config.norms else "norms disabled") + ")"
         return plan
     try:
@@ -61,6 +75,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
             plan_activations_without_graph(plan)
         if adapters:
             plan.notes.append("PEFT adapter inputs left as they are: the graph that proves the rewrite is missing")
+        if heads:  # checked at run time (the loss takes the exact path only given the head's own output)
+            plan_loss_heads(model, plan, None, None)
         return plan
     plan.capture = f"torch.export (non-strict, fake tensors), {capture.seconds:.1f} s"
     analyzer = NormAnalyzer(model, config, capture)
@@ -79,6 +95,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         plan_activations(model, plan, capture, analyzer.state_placeholders, module_names, mode)
     if adapters:
         plan_adapter_inputs(model, plan, capture, config)
+    if heads:
+        plan_loss_heads(model, plan, capture, _rows(config, model))
     if mode:
         report_functional_activations(capture, model, plan)
     return plan

@@ -51,6 +51,11 @@ class ConvertConfig:
             float32, chosen in every forward from the current weights. Nothing is skipped or raised.
         measure_memory: measure bytes saved for backward before and after (one extra
             forward+backward of each on a random batch) and put them in the report.
+        loss_head: (default on) a transformers causal / masked LM's loss (``lm_head`` then
+            ``ForCausalLMLoss``/``ForMaskedLMLoss``) keeps nothing of size rows x vocabulary for
+            backward: the loss is computed from the logits the head returned, and backward recomputes
+            the head's GEMM in chunks of rows (one more head GEMM). Loss, logits and gradients are the
+            stock ones (the loss up to the order of a float32 sum).
     """
 
     activations: bool | str = True
@@ -63,6 +68,7 @@ class ConvertConfig:
     untie_embeddings: bool = False
     min_abs_weight: float = 1e-3
     measure_memory: bool = False
+    loss_head: bool = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -112,7 +118,7 @@ def validate(config: ConvertConfig) -> None:
             f"ConvertConfig.norms must be one of {NORM_MODES} (True means 'share': keep the stock parameters; "
             f"'fold' reparameterizes), got {config.norms!r}"
         )
-    for name in ("adapter_inputs", "verify", "untie_embeddings", "measure_memory"):
+    for name in ("adapter_inputs", "verify", "untie_embeddings", "measure_memory", "loss_head"):
         _bool(name, getattr(config, name))
     if config.filter_fn is not None and not callable(config.filter_fn):
         raise TypeError(f"ConvertConfig.filter_fn must be a callable (module, fqn) -> bool, got {config.filter_fn!r}")

@@ -95,6 +95,27 @@ class AdapterSite:
     reason: str = ""
 
 
+# exact: the model's loss_function becomes ExactHeadLoss over the same lm_head (class swapped).
+LossHeadAction = Literal["exact", "skip"]
+
+
+@dataclass
+class LossHeadSite:
+    """A transformers model whose loss (lm_head + cross-entropy) can keep nothing of rows x vocabulary."""
+
+    module: str  # the model owning ``loss_function`` ("" for the converted model itself)
+    head: str  # its output layer, e.g. "lm_head"
+    loss: str  # "ForCausalLM" or "ForMaskedLM"
+    action: LossHeadAction = "skip"
+    # bytes the loss keeps for backward on the example batch: "stock" (float32 log-probabilities), "exact"
+    estimate: dict[str, int] = field(default_factory=dict)
+    chunk_rows: int = 0  # rows per chunk of the backward's recomputed logits (example batch)
+    # elementwise ops from the head's output to the logits the loss gets (softcapping), from the graph:
+    # [(op name, args with "$x" for the running tensor, kwargs)]; [] when the head's output goes as is
+    recipe: list = field(default_factory=list)
+    reason: str = ""
+
+
 @dataclass
 class Plan:
     """Everything the analysis decided, before anything is changed."""
@@ -102,6 +123,7 @@ class Plan:
     norms: list[NormSite] = field(default_factory=list)
     activations: list[ActivationSite] = field(default_factory=list)
     adapters: list[AdapterSite] = field(default_factory=list)
+    loss_heads: list[LossHeadSite] = field(default_factory=list)
     capture: str = ""  # how the graph was captured, or why it could not be
     notes: list[str] = field(default_factory=list)
 

@@ -128,8 +128,14 @@ class Report:
         return sum(s.action == "share" for s in self.plan.adapters)
 
     @property
+    def converted_loss_heads(self) -> int:
+        return sum(s.action == "exact" for s in self.plan.loss_heads)
+
+    @property
     def changed(self) -> bool:
-        return bool(self.converted_norms or self.converted_activations or self.converted_adapters)
+        return bool(
+            self.converted_norms or self.converted_activations or self.converted_adapters or self.converted_loss_heads
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,6 +185,23 @@ class Report:
                 f"  PEFT adapter inputs: {self.converted_adapters} layer(s) hand lora_A the narrow input, which it "
                 f"keeps instead of an upcast copy, {sum(s.action == 'skip' for s in plan.adapters)} skipped"
             )
+        for h in plan.loss_heads:
+            what = f"{h.module or '<model>'} ({h.loss}, {h.head})"
+            if h.action == "exact":
+                stock = (
+                    f"; stock keeps {h.estimate['stock'] / 2**20:.1f} MiB there on the example batch"
+                    if h.estimate
+                    else ""
+                )
+                chunk = f", chunks of {h.chunk_rows} rows" if h.chunk_rows else ""
+                if h.recipe:  # e.g. softcapping between the head and the loss, replayed for its derivative
+                    chunk = " then " + ", ".join(op.split(".")[1] for op, _a, _k in h.recipe) + chunk
+                lines.append(
+                    f"  loss head: {what} exact, keeps nothing of rows x vocabulary{stock}; backward recomputes the "
+                    f"head's GEMM{chunk} (head FLOPs x 4/3)"
+                )
+            else:
+                lines.append(f"  loss head: {what} {h.reason}")
         if self.bytes_before is not None and self.bytes_after is not None and self.bytes_before:
             saved = 1 - self.bytes_after / self.bytes_before
             lines.append(

@@ -322,7 +322,9 @@ def _convert(
     check_shapes(meta, keymap, {k: e.shape for k, e in store.entries.items()}, layout.path, layout.kind)
     # On disk the affine is folded (the paper's form): the checkpoint loads into the stock class with
     # identity norms, which a later convert() shares as they are.
-    config = ConvertConfig(activations=False, norms="fold", adapter_inputs=False, untie_embeddings=untie_embeddings)
+    config = ConvertConfig(
+        activations=False, norms="fold", adapter_inputs=False, untie_embeddings=untie_embeddings, loss_head=False
+    )
     with deferred_interrupts():  # a KeyboardInterrupt inside fake-tensor tracing can abort the process
         plan = planner(meta.model, config)
     if plan.capture.startswith("failed"):

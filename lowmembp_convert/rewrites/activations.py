@@ -34,6 +34,13 @@ def find_activations(model: nn.Module, config: ConvertConfig, plan: Plan, detect
         hooks = module_hooks(module)
         if not selected(config, module, fqn):
             site.action, site.option, site.reason = "skip", None, "excluded by filter_fn"
+        elif spec.saves is not None and spec.saves.output and not spec.saves.input and not spec.saves.extra:
+            # ReLU, tanh, sigmoid: their consumer keeps that very output anyway; no option keeps less
+            site.action, site.option = "skip", None
+            site.reason = (
+                f"left stock: {type(module).__name__} keeps only its output, which its consumer keeps anyway "
+                "(nothing to save)"
+            )
         elif spec.kind == "elementwise" and config.activations == "approx":
             site.action, site.option = "skip", None
             site.reason = (

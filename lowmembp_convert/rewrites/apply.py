@@ -18,6 +18,7 @@ from ..nn.norms import FoldedNormsGuard, MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
 from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
+from .loss_head import apply_loss_heads
 from .norms import module_hooks
 from .planner import recompute_kind
 from .recompute import rewrite_container
@@ -236,4 +237,5 @@ def apply_plan(
     for container, sites in containers.items():
         rewrite_container(model.get_submodule(container), sites)
     apply_adapter_inputs(model, plan)
+    apply_loss_heads(model, plan)
     return notes

@@ -43,7 +43,11 @@ def test_a_model_with_nothing_to_convert_gets_a_clear_report() -> None:
     state = _state(model)
     assert convert(model) is model
     report = model.lowmembp_report
-    assert not report.changed and not report.plan.norms and not report.plan.activations
+    assert not report.changed and not report.plan.norms
+    # the ReLU is found, and left: it keeps only its output, which the Linear after it keeps anyway
+    assert [(s.module, s.action) for s in report.plan.activations] == [("1", "skip")]
+    assert "keeps only its output" in report.plan.activations[0].reason
+    assert not report.plan.capture.startswith("failed")  # nothing needed the graph: no capture warning
     assert "nothing to convert: no GELU/SiLU module, no foldable LayerNorm/RMSNorm" in str(report)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]

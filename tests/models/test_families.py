@@ -75,10 +75,10 @@ def test_every_activation_and_every_foldable_norm_is_converted(name: str, norms:
         if site.action == "skip":
             assert is_activation_module(module), f"{site.module} was left stock but replaced"
             assert re.search(family.stock_activation(site.module), site.reason), site.reason
-            assert site.reason.startswith("left stock (exact)"), site.reason
             if site.kind == "elementwise":  # no 2-bit form of an arbitrary function (BERT's pooler tanh)
                 assert "approx" not in site.estimate, site.estimate
                 continue
+            assert site.reason.startswith("left stock (exact)"), site.reason
             assert "activations='approx' would keep fewer bytes" in site.reason, site.reason
             assert site.estimate["approx"] < site.estimate["stock"], site.estimate
             continue
@@ -124,7 +124,7 @@ def test_approx_on_request_converts_the_sites_auto_leaves_stock(name: str) -> No
     assert set(activation_modules(original)) == {s.module for s in plan.activations}
     for site in plan.activations:
         if site.kind == "elementwise":
-            assert site.action == "skip" and "no 2-bit form" in site.reason, site
+            assert site.action == "skip" and re.search("no 2-bit form|keeps only its output", site.reason), site
             continue
         assert site.option == "approx", site.module
         assert not is_activation_module(converted.get_submodule(site.module)), (

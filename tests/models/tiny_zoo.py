@@ -281,7 +281,7 @@ FAMILIES: dict[str, Family] = {
             },
             skip={r"bert\.embeddings\.LayerNorm": r"sharing would break: dropout .*\(p=0\.1\)"},
             # the pooler's tanh keeps its output, which the classifier keeps anyway (through a dropout)
-            stock_activations={r"bert\.pooler\.activation": r"recompute is not possible here"},
+            stock_activations={r"bert\.pooler\.activation": r"keeps only its output"},
         ),
         Family(
             "roberta",

@@ -150,12 +150,12 @@ def test_ties_stay_stock_and_no_2bit_form_is_invented() -> None:
     """ReLU and tanh keep their output, which the Linear keeps anyway: recompute saves nothing."""
     torch.manual_seed(0)
     stock = Stack(lambda: Plain(nn.ReLU()))
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False)
-    for site in model.lowmembp_report.plan.activations:
-        assert site.action == "skip" and "approx" not in site.estimate, site
-        assert site.estimate["recompute"] == site.estimate["stock"]
-    assert type(model.blocks[0].act) is nn.ReLU
-    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations="approx")
+    for activations in ("auto", "recompute", "approx"):
+        model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False, activations=activations)
+        for site in model.lowmembp_report.plan.activations:
+            assert site.action == "skip" and "keeps only its output" in site.reason, site
+        assert type(model.blocks[0].act) is nn.ReLU
+    model = convert(Stack(lambda: Plain(nn.Mish())), example_inputs=((_x(),), {}), norms=False, activations="approx")
     for site in model.lowmembp_report.plan.activations:
         assert site.action == "skip" and "no 2-bit form" in site.reason
 

@@ -1,0 +1,156 @@
+"""Rewrite: the loss head of transformers' causal and masked LMs (``lm_head`` + ``loss_function``).
+
+Sites: every module with a transformers ``loss_function`` that is the library's ``ForCausalLM`` or
+``ForMaskedLM`` loss and an output embedding (``get_output_embeddings()``) that is a plain
+``nn.Linear`` (tied to the input embedding or not). The captured graph (when there is one) shows
+whether the model returns the head's output itself as its logits: Gemma 2/3's
+``final_logit_softcapping`` and the like transform the logits between the head and the loss, and
+such a site is left stock. Promise: exact forward (the loss up to the order of a float32 sum, the
+logits untouched), exact backward (the stock formula), no reparameterization. What it keeps: nothing
+of size rows x vocabulary; the price, one extra head GEMM in backward, is reported with the bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture import Capture
+from ..nn.loss_head import ExactHeadLoss, install
+from ..ops.linear_cross_entropy import chunk_rows_for
+from ..plan import LossHeadSite, Plan
+
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.alias.default}
+
+
+def _stock_losses() -> dict[object, str]:
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except Exception:  # transformers missing or without its loss table: nothing to rewrite
+        return {}
+    return {LOSS_MAPPING[k]: k for k in ("ForCausalLM", "ForMaskedLM") if k in LOSS_MAPPING}
+
+
+def find_loss_heads(model: nn.Module, plan: Plan) -> list[tuple[nn.Module, nn.Linear | None]]:
+    """Modules whose loss function is transformers' causal/masked LM loss, with their head."""
+    losses = _stock_losses()
+    found = []
+    for fqn, module in model.named_modules():
+        get_head = getattr(module, "get_output_embeddings", None)
+        if not callable(get_head) or "loss_function" not in dir(type(module)):
+            continue
+        try:
+            loss = module.loss_function
+            head = get_head()
+        except Exception:
+            continue
+        if isinstance(loss, ExactHeadLoss) or head is None:
+            continue
+        kind = losses.get(loss)
+        if kind is None:
+            continue
+        head_fqn = next((n for n, m in model.named_modules() if m is head), "")
+        site = LossHeadSite(module=fqn, head=head_fqn, loss=kind)
+        if not _calls_loss_function(module):
+            site.reason = (
+                f"left stock: {type(module).__name__}.forward computes its loss without self.loss_function "
+                "(nothing to hand over to)"
+            )
+        elif type(head) is not nn.Linear:
+            site.reason = (
+                f"left stock: the output layer {head_fqn or '?'} is {type(head).__name__}, not a plain nn.Linear "
+                "(a PEFT-wrapped lm_head keeps its own path)"
+            )
+        elif getattr(head, "_forward_hooks", None) or getattr(head, "_forward_pre_hooks", None):
+            site.reason = f"left stock: {head_fqn} has hooks registered on it"
+        else:
+            site.action = "exact"
+        plan.loss_heads.append(site)
+        found.append((module, head))
+    return found
+
+
+def _calls_loss_function(module: nn.Module) -> bool:
+    """Whether the model's forward calls ``self.loss_function`` (transformers' causal LMs do; BERT's
+    masked LM builds a CrossEntropyLoss of its own)."""
+    import inspect
+
+    try:
+        return "self.loss_function(" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _op_name(target) -> str:
+    return str(target)  # "aten.div.Tensor": resolvable again through torch.ops
+
+
+def _head_to_logits(graph: fx.Graph, weight_placeholder: str) -> tuple[list | None, str]:
+    """The elementwise ops between the head's output and the logits the model returns, as a recipe
+    ``[(op name, args with "$x" for the running tensor, kwargs), ...]`` ([] when the head's output is
+    returned itself, views aside), or (None, why not) when the path is not a chain of elementwise ops
+    with constant operands (Gemma 2's softcapping is: div, tanh, mul)."""
+    linear = [
+        n
+        for n in graph.nodes
+        if n.op == "call_function"
+        and n.target is torch.ops.aten.linear.default
+        and any(getattr(a, "name", None) == weight_placeholder for a in n.args)
+    ]
+    if len(linear) != 1:
+        return None, "the output layer is not called once in the captured forward"
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    outputs = set(output.all_input_nodes)
+    node, recipe = linear[0], []
+    while node not in outputs:
+        users = [u for u in node.users if u.op == "call_function"]
+        if len(users) != 1:
+            return None, "the logits have several readers before the model returns them"
+        user = users[0]
+        if user.target not in _VIEWS:
+            others = [a for a in (*user.args, *user.kwargs.values()) if a is not node]
+            pointwise = torch.Tag.pointwise in getattr(user.target, "tags", ())
+            if not pointwise or any(isinstance(a, fx.Node) for a in others) or len(recipe) >= 8:
+                return None, f"the logits pass through {_op_name(user.target)} after the output layer"
+            args = ["$x" if a is node else a for a in user.args]
+            recipe.append((_op_name(user.target), args, dict(user.kwargs)))
+        node = user
+    return recipe, ""
+
+
+def plan_loss_heads(model: nn.Module, plan: Plan, capture: Capture | None, example_rows: int | None) -> None:
+    """Check each exact site against the graph and fill in the estimate."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    placeholder_of = {v: k for k, v in (capture.param_of_placeholder.items() if capture else ())}
+    for site in plan.loss_heads:
+        if site.action != "exact":
+            continue
+        head = model.get_submodule(site.head)
+        vocab = head.out_features
+        if capture is not None:
+            weight_name = names.get(id(head.weight))
+            placeholder = placeholder_of.get(weight_name)
+            recipe, why = _head_to_logits(capture.graph, placeholder) if placeholder else ([], "")
+            if recipe is None:
+                site.action = "skip"
+                site.reason = f"left stock: {why}, so the loss does not receive a function of the head's output alone"
+                continue
+            site.recipe = recipe
+        if example_rows:
+            site.estimate = {"stock": 4 * example_rows * vocab, "exact": 0}
+        site.chunk_rows = chunk_rows_for(example_rows or 0, vocab) if example_rows else 0
+        between = " then " + ", ".join(op.split(".")[1] for op, _a, _k in site.recipe) if site.recipe else ""
+        site.reason = (
+            "exact: keeps nothing of rows x vocabulary (stock keeps the float32 log-probabilities, 4 bytes per row "
+            f"and vocabulary entry); backward recomputes {site.head}'s GEMM{between} in chunks of rows (one more "
+            "head GEMM: head FLOPs x 4/3)"
+        )
+
+
+def apply_loss_heads(model: nn.Module, plan: Plan) -> None:
+    for site in plan.loss_heads:
+        if site.action != "exact":
+            continue
+        owner = model.get_submodule(site.module)
+        install(owner, model.get_submodule(site.head), owner.loss_function, site.loss == "ForCausalLM", site.recipe)

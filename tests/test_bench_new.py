@@ -1,0 +1,44 @@
+"""The per-family table, the loss-head bench and the peak meter, at toy sizes, so that none can rot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+
+import families  # noqa: E402
+import loss_head  # noqa: E402
+from peak_meter import peak_bytes  # noqa: E402
+
+
+def test_peak_meter_sees_a_known_peak() -> None:
+    def pattern() -> None:
+        a = torch.ones(4 * 2**20, dtype=torch.uint8)
+        b = a.float()  # the peak: 4 + 16 MiB
+        del b
+        c = torch.ones(2 * 2**20)  # 8 MiB after the 16 were freed
+        (a.sum() + c.sum()).item()
+
+    assert abs(peak_bytes(pattern) / 2**20 - 20) < 0.5
+
+
+def test_family_row_is_exact_and_saves() -> None:
+    row = families.run_family("llama")
+    assert row["exact"] and row["block_cut"] > 0.2, row
+    assert row["acts"] == {"silu:recompute": 2}
+    assert "llama" in families.markdown([row])
+
+
+@pytest.mark.slow  # two toy models at two depths, three variants each, timed
+@pytest.mark.parametrize("name", ["qwen2_0.5b", "gemma2_2b"])
+def test_loss_head_bench_tiny(name: str) -> None:
+    result = loss_head.run(name, "cpu", reps=1, small=True)
+    rows = result["rows"]
+    assert rows["exact_head"]["head"].startswith("exact")
+    assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
+    assert rows["exact_head"]["peak_full"] < rows["today"]["peak_full"]
+    assert "exact_head" in loss_head.markdown([result])
