@@ -482,10 +482,59 @@ def activation_stamp(module: nn.Module) -> str:
     return f"{type(module).__qualname__}|{attrs}"
 
 
-def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> tuple[fx.Graph | None, str]:
-    """The container's forward graph with every site replaced by the fused call, or (None, why not)."""
+_STATE_SKIP = frozenset({"training", "_parameters", "_buffers", "_modules", "forward"})
+
+
+def _traced_reads(container: nn.Module) -> tuple[fx.Graph, tuple[str, ...]]:
+    """The container's forward traced, and the names of its own plain attributes the trace read:
+    torch.fx bakes their values into the graph (``self.scale``, ``self.config.pretraining_tp``)."""
+    base, reads = type(container), set()
+
+    def __getattribute__(self, name):
+        if not name.startswith("__"):
+            reads.add(name)
+        return base.__getattribute__(self, name)
+
+    container.__class__ = type(base.__name__, (base,), {"__getattribute__": __getattribute__})
     try:
         graph = _trace(container)
+    finally:
+        container.__class__ = base
+    own = vars(container)
+    names = tuple(sorted(n for n in reads if n in own and n not in _STATE_SKIP and not n.startswith("_")))
+    return graph, names
+
+
+def _value_stamp(value) -> object:
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_value_stamp(v) for v in value))
+    if isinstance(value, (nn.Module, torch.Tensor)) or not hasattr(value, "__dict__"):
+        return ("id", id(value))
+    # a config-like object: its plain attributes by value (one level)
+    return ("obj", id(value), tuple(sorted((k, repr(v)) for k, v in vars(value).items() if not k.startswith("_"))))
+
+
+def container_state(container: nn.Module, names: tuple[str, ...]) -> tuple:
+    """What the traced forward assumed of the container's own attributes (see :func:`_traced_reads`)."""
+    own = vars(container)
+    return tuple((n, _value_stamp(own.get(n, _MISSING))) for n in names)
+
+
+_MISSING = object()
+
+
+def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> tuple[fx.Graph | None, str]:
+    """The container's forward graph with every site replaced by the fused call, or (None, why not)."""
+    graph, _names = _rewritten_graph_and_reads(container, sites)
+    return graph, _names if graph is None else ""
+
+
+def _rewritten_graph_and_reads(container: nn.Module, sites: list[tuple[RecomputeSite, str]]):
+    """(graph, names of the attributes it read) or (None, why not)."""
+    try:
+        graph, reads = _traced_reads(container)
         code = graph.python_code("self").src
         with preserved_modes(container):
             container.train(not container.training)
@@ -499,7 +548,7 @@ def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]
         if why:
             return None, why
     graph.lint()
-    return graph, ""
+    return graph, reads
 
 
 def check_container(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> str:
@@ -510,13 +559,22 @@ def check_container(container: nn.Module, sites: list[tuple[RecomputeSite, str]]
 def rewrite_container(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> None:
     """Swap ``container``'s class for a subclass whose forward calls the fused op at ``sites``
     ((site, activation kind) pairs), keeping every child, parameter and attribute."""
-    graph, why = _rewritten_graph(container, sites)
+    graph, reads = _rewritten_graph_and_reads(container, sites)
     if graph is None:
-        raise RuntimeError(f"recompute rewrite of {type(container).__name__}: {why}")
+        raise RuntimeError(f"recompute rewrite of {type(container).__name__}: {reads}")
     code = graph.python_code("self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<lowmembp recompute {type(container).__name__}>", "exec"), namespace)  # noqa: S102
     base = type(container)
+    fused_forward, assumed = namespace["forward"], container_state(container, reads)
+
+    def forward(self, *args, **kwargs):
+        # the traced forward baked in the attributes it read: if one changed since, run the stock
+        # forward (exact, without the saving) rather than the old values
+        if reads and container_state(self, reads) != assumed:
+            return base.forward(self, *args, **kwargs)
+        return fused_forward(self, *args, **kwargs)
+
     note = ", ".join(f"{s.consumer} recomputes {s.activation}" + (" x gate" if s.gated else "") for s, _ in sites)
 
     def extra_repr(self) -> str:
@@ -527,7 +585,7 @@ def rewrite_container(container: nn.Module, sites: list[tuple[RecomputeSite, str
         # pickle / deepcopy by the importable base class and the sites; loading rewrites again
         return (_restore, (base, self.__getstate__(), tuple(sites)))
 
-    attributes = {"forward": namespace["forward"], "extra_repr": extra_repr, "__module__": base.__module__}
+    attributes = {"forward": forward, "extra_repr": extra_repr, "__module__": base.__module__}
     attributes["lowmembp_recompute"] = tuple(s for s, _ in sites)
     attributes["__reduce_ex__"] = __reduce_ex__
     container.__class__ = type(base.__name__, (base,), attributes)

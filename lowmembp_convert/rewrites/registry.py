@@ -43,7 +43,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="share_norms",
         module="lowmembp_convert.rewrites.norms",
-        options={"norms": "share", "activations": False, "adapter_inputs": False},
+        options={"norms": "share", "activations": False, "adapter_inputs": False, "loss_head": False},
         sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
@@ -52,7 +52,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="fold_norms",
         module="lowmembp_convert.rewrites.norms",
-        options={"norms": "fold", "activations": False, "adapter_inputs": False},
+        options={"norms": "fold", "activations": False, "adapter_inputs": False, "loss_head": False},
         sites=lambda plan: [s.module for s in plan.norms if s.action != "skip"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=True, keeps_state_dict_keys=True
@@ -61,7 +61,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="approx_activations",
         module="lowmembp_convert.rewrites.activations",
-        options={"norms": False, "activations": "approx", "adapter_inputs": False},
+        options={"norms": False, "activations": "approx", "adapter_inputs": False, "loss_head": False},
         sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "approx"],
         contract=Contract(
             exact_forward=True, exact_backward=False, changes_parameter_values=False, keeps_state_dict_keys=True
@@ -70,7 +70,7 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="recompute_activations",
         module="lowmembp_convert.rewrites.recompute",
-        options={"norms": False, "activations": "recompute", "adapter_inputs": False},
+        options={"norms": False, "activations": "recompute", "adapter_inputs": False, "loss_head": False},
         sites=lambda plan: [s.module for s in plan.activations if s.action == "convert" and s.option == "recompute"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
@@ -79,8 +79,17 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         name="share_adapter_inputs",
         module="lowmembp_convert.rewrites.adapter_inputs",
-        options={"norms": False, "activations": False, "adapter_inputs": True},
+        options={"norms": False, "activations": False, "adapter_inputs": True, "loss_head": False},
         sites=lambda plan: [s.module for s in plan.adapters if s.action == "share"],
+        contract=Contract(
+            exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
+        ),
+    ),
+    Rewrite(
+        name="exact_loss_head",
+        module="lowmembp_convert.rewrites.loss_head",
+        options={"norms": False, "activations": False, "adapter_inputs": False, "loss_head": True},
+        sites=lambda plan: [s.head for s in plan.loss_heads if s.action == "exact"],
         contract=Contract(
             exact_forward=True, exact_backward=True, changes_parameter_values=False, keeps_state_dict_keys=True
         ),

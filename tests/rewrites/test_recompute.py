@@ -412,3 +412,49 @@ def test_convert_with_verify_runs_the_fused_op_without_warning() -> None:
         warnings.simplefilter("error")
         model = convert(Stack(lambda: Gated(nn.SiLU())).train(), example_inputs=((_x(),), {}), verify=True)
     assert all(s.option == "recompute" for s in model.lowmembp_report.plan.activations)
+
+
+class _Settings:
+    def __init__(self) -> None:
+        self.double_it = False
+
+
+class _StatefulMLP(nn.Module):
+    """A container whose forward reads its own attributes: a scale and a config flag. torch.fx bakes
+    both into the traced forward; changing either after convert() must take effect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down, self.act = (
+            nn.Linear(D, HIDDEN),
+            nn.Linear(D, HIDDEN),
+            nn.Linear(HIDDEN, D),
+            nn.SiLU(),
+        )
+        self.scale = 1.0
+        self.config = _Settings()
+
+    def forward(self, x):
+        y = self.down(self.act(self.gate(x)) * self.up(x)) * self.scale
+        if self.config.double_it:
+            y = y * 2
+        return y
+
+
+def test_container_attributes_changed_after_convert_take_effect() -> None:
+    torch.manual_seed(0)
+    stock = Stack(_StatefulMLP)
+    model = convert(copy.deepcopy(stock), example_inputs=((_x(),), {}), norms=False)
+    assert all(s.option == "recompute" for s in model.lowmembp_report.plan.activations)
+    fused = _bytes(model, _x())
+    assert fused < _bytes(stock, _x())
+    for m in (stock, model):
+        m.blocks[0].scale = 3.0
+        m.blocks[1].config.double_it = True
+    y0, g0 = _run(stock, _x())
+    y1, g1 = _run(model, _x())
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    for m in (stock, model):  # back to what was traced: the fused path again
+        m.blocks[0].scale = 1.0
+        m.blocks[1].config.double_it = False
+    assert torch.equal(stock(_x()), model(_x())) and _bytes(model, _x()) == fused
