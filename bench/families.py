@@ -1,4 +1,4 @@
-"""Per-family table: default ``convert(model)`` on 25 transformers and timm models, no example inputs.
+"""Per-family table: default ``convert(model)`` on 28 transformers and timm models, no example inputs.
 
 For each family, built from a tiny config (no hub) with random norm affines and biases, in training
 mode with dropout off (so stock and converted draw nothing random):
@@ -55,7 +55,7 @@ def _hf(model: str, config: str, **kwargs) -> Callable[[int], nn.Module]:
     def build(layers: int) -> nn.Module:
         import transformers as tr
 
-        cfg = getattr(tr, config)(**{k: (layers if v == "L" else v) for k, v in kwargs.items()})
+        cfg = getattr(tr, config)(**{k: _depth(v, layers) for k, v in kwargs.items()})
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                      "activation_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout_rate",
                      "hidden_dropout", "classifier_dropout", "layerdrop", "encoder_layerdrop",
@@ -72,6 +72,8 @@ def _depth(value, layers: int):
     """``"L"`` (also inside a tuple of stage depths) stands for the depth being measured."""
     if isinstance(value, tuple):
         return tuple(layers if v == "L" else v for v in value)
+    if isinstance(value, dict):  # a nested sub-config (CLIP's text_config / vision_config)
+        return {k: _depth(v, layers) for k, v in value.items()}
     return layers if value == "L" else value
 
 
@@ -103,6 +105,14 @@ LM = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_h
 ENC = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L", vocab_size=VOCAB)
 VIS = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L", image_size=32,
            patch_size=8)  # fmt: skip
+
+SEQ2SEQ = dict(d_model=H, encoder_layers="L", decoder_layers="L", encoder_attention_heads=HEADS,
+               decoder_attention_heads=HEADS, encoder_ffn_dim=MLP, decoder_ffn_dim=MLP, vocab_size=VOCAB,
+               max_position_embeddings=128)  # fmt: skip
+
+TOWER = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L", vocab_size=VOCAB)
+VISION_TOWER = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L",
+                    image_size=32, patch_size=8)  # fmt: skip
 
 FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
     # decoder-only
@@ -165,6 +175,8 @@ FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
             max_position_embeddings=128,
         ),
     ),
+    "pegasus": ("enc-dec", _hf("PegasusForConditionalGeneration", "PegasusConfig", **SEQ2SEQ)),
+    "mbart": ("enc-dec", _hf("MBartForConditionalGeneration", "MBartConfig", **SEQ2SEQ)),
     "whisper": (
         "audio",
         _hf(
@@ -234,44 +246,18 @@ FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
         _timm_class("timm.models.mlp_mixer.MlpMixer", img_size=32, patch_size=8, num_blocks="L", embed_dim=H),
     ),
     # multimodal
-    "clip": (
+    "clip": ("multimodal", _hf("CLIPModel", "CLIPConfig", text_config=TOWER, vision_config=VISION_TOWER)),
+    "siglip": ("multimodal", _hf("SiglipModel", "SiglipConfig", text_config=TOWER, vision_config=VISION_TOWER)),
+    "blip": (
         "multimodal",
-        _hf(
-            "CLIPModel",
-            "CLIPConfig",
-            text_config=dict(
-                hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=2, vocab_size=VOCAB
-            ),
-            vision_config=dict(
-                hidden_size=H,
-                intermediate_size=MLP,
-                num_attention_heads=HEADS,
-                num_hidden_layers=2,
-                image_size=32,
-                patch_size=8,
-            ),
-        ),
-    ),  # fmt: skip
+        _hf("BlipForConditionalGeneration", "BlipConfig", text_config=TOWER, vision_config=VISION_TOWER),
+    ),
 }
-# multimodal configs take their depth inside the sub-configs: "L" is not substituted there, so the
-# per-block figure of CLIP uses the text and vision towers' layer counts below
-_NESTED_DEPTH = {"clip": ("text_config", "vision_config")}
 
 
 def _build(name: str, layers: int) -> nn.Module:
     _kind, build = FAMILIES[name]
-    if name in _NESTED_DEPTH:
-        import transformers as tr
-
-        cfg = tr.CLIPConfig(
-            text_config=dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=layers,
-                             vocab_size=VOCAB),
-            vision_config=dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS,
-                               num_hidden_layers=layers, image_size=32, patch_size=8),
-        )  # fmt: skip
-        model = tr.CLIPModel(cfg)
-    else:
-        model = build(layers)
+    model = build(layers)
     torch.manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
@@ -419,8 +405,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="family names (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
+    parser.add_argument("--table-from", type=Path, default=None, help="print the table of a saved JSON and exit")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.table_from:
+        print(markdown(json.loads(args.table_from.read_text())["rows"]))
+        return
     rows = []
     for name in args.only or FAMILIES:
         start = time.perf_counter()

@@ -163,6 +163,9 @@ class _MSNorm(nn.Module):
         return y.movedim(-1, self.channel_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        watch = self.__dict__.get("_lowmembp_fold_watch")
+        if watch is not None and not torch.compiler.is_compiling():
+            watch.check(self)
         if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
             return self._stock_forward(x)
         moved = self.channel_dim not in (-1, x.dim() - 1)
@@ -226,6 +229,66 @@ class MSRMSNorm(_MSNorm):
     """
 
     _rms = True
+
+
+class FoldWatch:
+    """What a folded norm (``norms="fold"``) checks before each eager forward: the misuses that would
+    make the reparameterized model compute something other than what its user asked for. Each one
+    raises at that moment, naming the module and the fix, before the norm computes anything:
+
+    - its identity buffer (``weight`` / ``bias``) given another value: an in-place rescale
+      (``ln.weight /= s``, as AWQ/SmoothQuant do), an assignment, ``functional_call`` with stock
+      weights. The fold ignores those buffers, so the change would silently do nothing; a new tensor
+      or version is checked by value (one read), so ``.to()``, loading identity values and
+      ``functional_call`` with the converted model's own buffers pass;
+    - a forward hook or pre-hook added after conversion on the norm or one of its consumers: it would
+      see x_hat (and the consumer's folded input) instead of the stock values.
+
+    The consumers are held by reference (a plain object, not registered as submodules), so copies
+    and pickles of the model carry the watch along with them.
+    """
+
+    def __init__(self, norm: nn.Module, name: str, consumers: list[tuple[str, nn.Module]]) -> None:
+        self.name = name
+        self.consumers = [
+            (fqn, m, frozenset(m._forward_hooks), frozenset(m._forward_pre_hooks)) for fqn, m in consumers
+        ]
+        self.own_hooks = frozenset(norm._forward_hooks)
+        self.record(norm)
+
+    def record(self, norm: nn.Module) -> None:
+        self.buffers = {
+            n: (t.data_ptr(), t._version) for n in ("weight", "bias") if (t := norm._buffers.get(n)) is not None
+        }
+
+    def check(self, norm: nn.Module) -> None:
+        fix = "convert with the default norms='share' (the stock parameterization), or undo the change"
+        for name, (ptr, version) in self.buffers.items():
+            t = norm._buffers.get(name)
+            if t is None or t.data_ptr() != ptr or t._version != version:
+                identity = (1.0 - norm.weight_offset) if name == "weight" else 0.0
+                if t is not None and t.device.type != "meta" and bool(torch.all(t == identity)):
+                    self.record(norm)  # moved, copied or reloaded, still identity: fine
+                    continue
+                raise RuntimeError(
+                    f"lowmembp_convert: {self.name}.{name} was changed after norms='fold' folded it into "
+                    f"{', '.join(f for f, *_ in self.consumers)} (a rescale, an assignment or functional_call with "
+                    f"stock weights?); the folded model ignores it, so the change would do nothing. {fix}"
+                )
+        from ..observers import OBSERVER_HOOK_IDS  # verify's recording hooks only watch
+
+        def new(hooks: dict, known: frozenset) -> bool:
+            return any(h not in known and h not in OBSERVER_HOOK_IDS for h in hooks)
+
+        added = [self.name] if new(norm._forward_hooks, self.own_hooks) else []
+        for fqn, module, forward_hooks, pre_hooks in self.consumers:
+            if new(module._forward_hooks, forward_hooks) or new(module._forward_pre_hooks, pre_hooks):
+                added.append(fqn)
+        if added:
+            raise RuntimeError(
+                f"lowmembp_convert: a forward hook was added to {added[0]} after norms='fold' folded {self.name} "
+                f"into its consumers: it would see the normalized x_hat, not the stock values. {fix}"
+            )
 
 
 class FoldedNormsGuard:

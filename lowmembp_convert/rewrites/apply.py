@@ -14,7 +14,7 @@ from ..naming import param_names
 from ..nn.activations import ReGELU2, ReSiLU2
 from ..nn.handoff import HandoffActivation, HandoffLinear, link
 from ..nn.linear import TwinLinear
-from ..nn.norms import FoldedNormsGuard, MSLayerNorm, MSRMSNorm
+from ..nn.norms import FoldedNormsGuard, FoldWatch, MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
 from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
@@ -215,6 +215,9 @@ def apply_plan(
             _fold_site(model, site, untie_embeddings, notes)
         twin = site.action == "keep_affine" and not site.autocast_output and _twin_linears(model, site, notes) > 0
         ms = _ms_norm_for(norm, site, min_abs_weight, autocast_twin=twin)
+        if site.action == "fold" and not site.already_folded:
+            consumers = [(c.module, model.get_submodule(c.module)) for c in site.consumers]
+            ms.__dict__["_lowmembp_fold_watch"] = FoldWatch(ms, site.module, consumers)
         replace_module(model, norm, ms)
     if any(s.action == "fold" for s in plan.norms) and not FoldedNormsGuard.registered_on(model):
         model.register_load_state_dict_pre_hook(FoldedNormsGuard(model))

@@ -62,3 +62,53 @@ def test_the_default_loads_a_stock_state_dict_like_the_stock_model() -> None:
     model.load_state_dict(incoming)
     x = inputs[0][0]
     torch.testing.assert_close(model(x), stock(x), rtol=1e-6, atol=1e-6)
+
+
+def _folded() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    stock, model, inputs = _pair()
+    convert(model, norms="fold", example_inputs=inputs)
+    assert model.lowmembp_report.plan.norm("norm").action == "fold"
+    return stock, model, inputs[0][0]
+
+
+def test_a_rescale_of_the_folded_weight_raises_before_computing() -> None:
+    """AWQ/SmoothQuant-style ``ln.weight /= s; fc.weight *= s`` is a no-op on the stock model; on a
+    folded one the first half is ignored, so the function would change: refused at the next forward."""
+    _, model, x = _folded()
+    y = model(x)
+    with torch.no_grad():
+        model.norm.weight /= 2.0
+    with pytest.raises(RuntimeError, match=r"norm\.weight was changed after norms='fold' folded it into fc"):
+        model(x)
+    with torch.no_grad():
+        model.norm.weight.fill_(1.0)  # identity again: accepted
+    assert torch.equal(model(x), y)
+
+
+def test_functional_call_with_stock_weights_raises_and_with_its_own_works() -> None:
+    stock, model, x = _folded()
+    with pytest.raises(RuntimeError, match="functional_call with stock weights"):
+        torch.func.functional_call(model, dict(stock.state_dict()), (x,))
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert torch.equal(torch.func.functional_call(model, own, (x,)), model(x))
+
+
+@pytest.mark.parametrize("where", ["norm", "fc"])
+def test_a_hook_added_after_folding_raises_naming_the_module(where: str) -> None:
+    _, model, x = _folded()
+    model.get_submodule(where).register_forward_hook(lambda m, args, out: None)
+    with pytest.raises(RuntimeError, match=f"a forward hook was added to {where} after norms='fold'"):
+        model(x)
+
+
+def test_moves_copies_and_pickles_keep_the_watch_quiet_and_awake() -> None:
+    import pickle
+
+    _, model, x = _folded()
+    y = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.deepcopy(model).double().float()):
+        assert torch.allclose(clone(x), y, rtol=1e-6, atol=1e-6)
+        clone.fc.register_forward_pre_hook(lambda m, args: None)
+        with pytest.raises(RuntimeError, match="a forward hook was added to fc"):
+            clone(x)
+    assert torch.equal(model(x), y)  # the original is not affected by its copies' hooks
