@@ -266,3 +266,35 @@ def test_chunk_rows_follow_the_vocabulary() -> None:
     assert chunk_rows_for(10, 300) == 10
     assert chunk_rows_for(100_000, 151_936) == 64  # 64 MiB of float32 logits, 64 rows at least
     assert chunk_rows_for(100_000, 1000) == 16384
+
+
+def test_hf_trainer_with_gradient_accumulation_logs_the_stock_losses(tmp_path) -> None:
+    """transformers' Trainer passes num_items_in_batch with gradient accumulation: the converted model's
+    logged losses and final weights are the stock run's."""
+    pytest.importorskip("accelerate")
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
+        labels = ids.clone()
+        labels[: int(torch.randint(1, 8, (1,), generator=gen))] = -100  # prompts of different lengths
+        rows.append({"input_ids": ids, "labels": labels})
+
+    def train(model) -> tuple[list[float], dict]:
+        args = tr.TrainingArguments(
+            output_dir=str(tmp_path / str(id(model))), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = tr.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    stock, model = _pair()
+    l0, w0 = train(stock)
+    l1, w1 = train(model)
+    assert model.loss_function.calls["exact"] >= 4 and len(l0) == 2
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    for k in w0:
+        assert torch.allclose(w0[k], w1[k], rtol=1e-5, atol=1e-6), k
