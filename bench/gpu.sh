@@ -6,7 +6,7 @@
 # Installs nothing from anywhere: it uses the machine's python3 (torch, triton, transformers, timm,
 # peft are in its image). If this repo's package is not importable it is built from this checkout
 # into a private folder (--no-index --no-deps: offline, touches no system site-packages).
-# Every step has its own time limit (100 + 80 + 30 + 250 s) so the whole run stays under 8 minutes;
+# Every step has its own time limit (100 + 80 + 30 + 210 + 40 s) so the whole run stays under 8 minutes;
 # each step's output goes to $OUT/<step>.log (default OUT=./out), the tables to $OUT/gpu_models.md
 # and .json, and a summary with every step's exit status and duration to $OUT/gpu_report.md.
 #
@@ -65,13 +65,16 @@ else
     step tests_gpu 30 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
     # 3. models: peak memory and throughput, largest batch in a budget. Its own deadline stops new
     #    cells at 180 s; the limit leaves room for the cell in flight (a compile takes about a minute).
-    step models 250 "$PY" bench/gpu_models.py --out "$OUT" --deadline-s 180
+    step models 210 "$PY" bench/gpu_models.py --out "$OUT" --deadline-s 150
+    # 4. the loss head on Qwen2-0.5B shapes: saved bytes, peak (max_memory_allocated) and step time,
+    #    stock / convert without the head / the exact head.
+    step loss_head 40 "$PY" bench/loss_head.py --only qwen2_0.5b --reps 3 --device cuda  # table in loss_head.log (the device tool returns 8 files)
 fi
 
 {
     echo "## Steps"
     cat "$STEPS"
-    for name in kernels models; do
+    for name in kernels models loss_head; do
         if [ -f "$OUT/$name.log" ]; then
             echo
             echo "## $name (last 80 lines of its output)"
