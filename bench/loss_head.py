@@ -1,6 +1,7 @@
 """Whole training step with the loss: stock, today's convert (loss_head=False) and the exact loss head.
 
-Per workload (bf16 weights, one sequence, labels = the ids, random norm affines), at depths 1 and 2:
+Per workload (bf16 weights unless ``--dtype float32``, one sequence, labels = the ids, random norm
+affines), at depths 1 and 2:
 
 - bytes saved for backward by forward + loss (saved-tensor hooks), extrapolated to the full depth
   (depth-1 bytes plus (layers - 1) times the per-layer difference);
@@ -13,6 +14,7 @@ Per workload (bf16 weights, one sequence, labels = the ids, random norm affines)
 Usage::
 
     python bench/loss_head.py [--only qwen2_0.5b ...] [--reps 3] [--device cpu] [--json F] [--tiny]
+                              [--dtype bfloat16|float32] [--no-steps]
 """
 
 from __future__ import annotations
@@ -69,14 +71,14 @@ def tiny(spec: dict) -> dict:
     return {**spec, "kwargs": kwargs, "tokens": 32}
 
 
-def _build(spec: dict, layers: int, device: str) -> torch.nn.Module:
+def _build(spec: dict, layers: int, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     import transformers as tr
 
     torch.manual_seed(0)
     cfg = getattr(tr, spec["config"])(num_hidden_layers=layers, **spec["kwargs"])
     cfg.attention_dropout = 0.0
     with torch.device(device):
-        model = getattr(tr, spec["cls"])(cfg).to(torch.bfloat16).train()
+        model = getattr(tr, spec["cls"])(cfg).to(dtype).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -91,10 +93,10 @@ def _variant(stock: torch.nn.Module, variant: str, example) -> torch.nn.Module:
     return lc.convert(model, loss_head=variant == "exact_head", example_inputs=example)
 
 
-def _measure(spec: dict, layers: int, device: str, reps: int) -> dict[str, dict]:
-    """Per variant: saved bytes (one forward + loss), the peak of one step, and (``reps`` > 0) the
-    median time of ``reps`` more steps."""
-    stock = _build(spec, layers, device)
+def _measure(spec: dict, layers: int, device: str, reps: int, dtype: torch.dtype, steps: bool) -> dict[str, dict]:
+    """Per variant: saved bytes (one forward + loss); with ``steps``, the peak of one step and
+    (``reps`` > 0) the median time of ``reps`` more steps."""
+    stock = _build(spec, layers, device, dtype)
     vocab = spec["kwargs"]["vocab_size"]
     ids = torch.randint(0, vocab, (1, spec["tokens"]), generator=torch.Generator().manual_seed(1)).to(device)
     example = ((), {"input_ids": ids[:, :16]})
@@ -110,9 +112,10 @@ def _measure(spec: dict, layers: int, device: str, reps: int) -> dict[str, dict]
             loss(m).backward()
 
         saved = lc.activation_memory(loss, params=model).total
-        peak = peak_bytes(step, device)  # every step frees and allocates the gradients (set_to_none)
+        # every step frees and allocates the gradients (set_to_none)
+        peak = peak_bytes(step, device) if steps else None
         times = []
-        for _ in range(reps):
+        for _ in range(reps if steps else 0):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -125,29 +128,33 @@ def _measure(spec: dict, layers: int, device: str, reps: int) -> dict[str, dict]
             "saved": saved,
             "peak": peak,
             "seconds": statistics.median(times) if times else None,
-            "head": (heads[0].action + ": " + heads[0].reason) if heads else "",
+            "head": heads[0].reason if heads else "",  # starts with "exact:" or "left stock:"
         }
         del model
     return out
 
 
-def run(name: str, device: str, reps: int, small: bool = False) -> dict:
+def run(
+    name: str, device: str, reps: int, small: bool = False, dtype: torch.dtype = torch.bfloat16, steps: bool = True
+) -> dict:
     spec = tiny(WORKLOADS[name]) if small else WORKLOADS[name]
-    one, two = _measure(spec, 1, device, reps), _measure(spec, 2, device, 0)  # timed at depth 1 only
+    one = _measure(spec, 1, device, reps, dtype, steps)
+    two = _measure(spec, 2, device, 0, dtype, steps)  # timed at depth 1 only
     n = spec["layers"]
     rows = {}
     for variant in VARIANTS:
         a, b = one[variant], two[variant]
+        per_layer = b["saved"] - a["saved"]
         rows[variant] = {
-            "saved_full": a["saved"] + (n - 1) * (b["saved"] - a["saved"]),
-            "peak_full": a["peak"] + (n - 1) * (b["saved"] - a["saved"]),
+            "saved_full": a["saved"] + (n - 1) * per_layer,
+            "peak_full": a["peak"] + (n - 1) * per_layer if steps else None,
             "saved_2": b["saved"],
             "peak_2": b["peak"],
-            "time_ratio_1": a["seconds"] / one["stock"]["seconds"],
+            "time_ratio_1": a["seconds"] / one["stock"]["seconds"] if a["seconds"] else None,
             "seconds_1": a["seconds"],
             "head": b["head"],
         }
-    return {"workload": name, "layers": n, "tokens": spec["tokens"], "rows": rows}
+    return {"workload": name, "layers": n, "tokens": spec["tokens"], "dtype": str(dtype), "rows": rows}
 
 
 def markdown(results: list[dict]) -> str:
@@ -160,11 +167,16 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         stock = r["rows"]["stock"]
         for variant, row in r["rows"].items():
+            peak = (
+                f"{row['peak_full'] / mib:.0f} MiB | {row['peak_full'] / stock['peak_full'] - 1:+.1%}"
+                if row["peak_full"] is not None
+                else "- | -"
+            )
+            ratio = f"{row['time_ratio_1']:.2f}" if row["time_ratio_1"] is not None else "-"
             lines.append(
-                f"| {r['workload']} ({r['layers']} layers, {r['tokens']} tokens) | {variant} | "
-                f"{row['saved_full'] / mib:.0f} MiB | {row['saved_full'] / stock['saved_full'] - 1:+.1%} | "
-                f"{row['peak_full'] / mib:.0f} MiB | {row['peak_full'] / stock['peak_full'] - 1:+.1%} | "
-                f"{row['time_ratio_1']:.2f} |"
+                f"| {r['workload']} ({r['layers']} layers, {r['tokens']} tokens, {r['dtype'].split('.')[-1]}) | "
+                f"{variant} | {row['saved_full'] / mib:.0f} MiB | {row['saved_full'] / stock['saved_full'] - 1:+.1%} | "
+                f"{peak} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -176,11 +188,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: a dry run of the same code paths")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the model's weights")
+    parser.add_argument(
+        "--no-steps", action="store_true", help="saved bytes only (no backward: no peak, no time); for CPUs whose "
+        "bf16 matmul backward falls back to a scalar GEMM",
+    )  # fmt: skip
+    parser.add_argument("--table-from", type=Path, nargs="*", default=None, help="print the tables of saved JSONs")
     args = parser.parse_args()
+    if args.table_from:
+        print(markdown([r for f in args.table_from for r in json.loads(f.read_text())["results"]]))
+        return
     results = []
+    dtype = getattr(torch, args.dtype)
     for name in args.only or WORKLOADS:
         start = time.perf_counter()
-        results.append(run(name, args.device, args.reps, args.tiny))
+        results.append(run(name, args.device, args.reps, args.tiny, dtype, not args.no_steps))
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
         for variant, row in results[-1]["rows"].items():
             print(f"  {variant}: {row['head'][:160]}", flush=True)

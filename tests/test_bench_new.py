@@ -42,3 +42,10 @@ def test_loss_head_bench_tiny(name: str) -> None:
     assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
     assert rows["exact_head"]["peak_full"] < rows["today"]["peak_full"]
     assert "exact_head" in loss_head.markdown([result])
+
+
+def test_loss_head_bench_saved_bytes_only() -> None:
+    result = loss_head.run("llama3_vocab_4l", "cpu", reps=0, small=True, steps=False)
+    rows = result["rows"]
+    assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
+    assert rows["exact_head"]["peak_full"] is None and "- | -" in loss_head.markdown([result])
