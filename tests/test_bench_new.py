@@ -40,7 +40,7 @@ def test_loss_head_bench_tiny(name: str) -> None:
     rows = result["rows"]
     assert rows["exact_head"]["head"].startswith("exact")
     assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
-    assert rows["exact_head"]["peak_full"] < rows["today"]["peak_full"]
+    assert rows["exact_head"]["peak_2"] < rows["today"]["peak_2"]
     assert "exact_head" in loss_head.markdown([result])
 
 
@@ -48,4 +48,4 @@ def test_loss_head_bench_saved_bytes_only() -> None:
     result = loss_head.run("llama3_vocab_4l", "cpu", reps=0, small=True, steps=False)
     rows = result["rows"]
     assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
-    assert rows["exact_head"]["peak_full"] is None and "- | -" in loss_head.markdown([result])
+    assert rows["exact_head"]["peak_2"] is None and "- | -" in loss_head.markdown([result])

@@ -91,7 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(logits.dtype)
             if need_h:
                 dh[rows] = (dlogits @ w).to(h.dtype)
-            if need_w:
+            if need_w and dw.dtype == dlogits.dtype:  # float32: accumulate inside the GEMM (no temporary)
+                dw.addmm_(dlogits.t(), h_c.to(dlogits.dtype))
+            elif need_w:  # 16-bit: the GEMM in the head's dtype, as stock, summed in float32
                 dw += (dlogits.t() @ h_c.to(logits.dtype)).float()
             if db is not None:
                 db += dlogits.float().sum(0)
