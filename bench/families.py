@@ -106,9 +106,9 @@ ENC = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_
 VIS = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L", image_size=32,
            patch_size=8)  # fmt: skip
 
-SEQ2SEQ = dict(d_model=H, encoder_layers="L", decoder_layers="L", encoder_attention_heads=HEADS,
-               decoder_attention_heads=HEADS, encoder_ffn_dim=MLP, decoder_ffn_dim=MLP, vocab_size=VOCAB,
-               max_position_embeddings=128)  # fmt: skip
+ENC_DEC = dict(d_model=H, encoder_layers="L", decoder_layers="L", encoder_attention_heads=HEADS,
+               decoder_attention_heads=HEADS, encoder_ffn_dim=MLP, decoder_ffn_dim=MLP, vocab_size=VOCAB)  # fmt: skip
+SEQ2SEQ = dict(ENC_DEC, max_position_embeddings=128)
 
 TOWER = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L", vocab_size=VOCAB)
 VISION_TOWER = dict(hidden_size=H, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers="L",
@@ -159,22 +159,7 @@ FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
             feed_forward_proj="gated-gelu",
         ),
     ),  # fmt: skip
-    "bart": (
-        "enc-dec",
-        _hf(
-            "BartForConditionalGeneration",
-            "BartConfig",
-            d_model=H,
-            encoder_layers="L",
-            decoder_layers="L",
-            encoder_attention_heads=HEADS,
-            decoder_attention_heads=HEADS,
-            encoder_ffn_dim=MLP,
-            decoder_ffn_dim=MLP,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-        ),
-    ),
+    "bart": ("enc-dec", _hf("BartForConditionalGeneration", "BartConfig", **SEQ2SEQ)),
     "pegasus": ("enc-dec", _hf("PegasusForConditionalGeneration", "PegasusConfig", **SEQ2SEQ)),
     "mbart": ("enc-dec", _hf("MBartForConditionalGeneration", "MBartConfig", **SEQ2SEQ)),
     "whisper": (
@@ -182,14 +167,7 @@ FAMILIES: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
         _hf(
             "WhisperForConditionalGeneration",
             "WhisperConfig",
-            d_model=H,
-            encoder_layers="L",
-            decoder_layers="L",
-            encoder_attention_heads=HEADS,
-            decoder_attention_heads=HEADS,
-            encoder_ffn_dim=MLP,
-            decoder_ffn_dim=MLP,
-            vocab_size=VOCAB,
+            **ENC_DEC,
             num_mel_bins=16,
             max_source_positions=32,
             max_target_positions=32,

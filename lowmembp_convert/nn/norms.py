@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowmembp_convert.observers import OBSERVER_HOOK_IDS
 from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd
 from lowmembp_convert.ops.norms import ill_conditioned_channels, ms_layer_norm, ms_rms_norm
 
@@ -275,10 +276,9 @@ class FoldWatch:
                     f"{', '.join(f for f, *_ in self.consumers)} (a rescale, an assignment or functional_call with "
                     f"stock weights?); the folded model ignores it, so the change would do nothing. {fix}"
                 )
-        from ..observers import OBSERVER_HOOK_IDS  # verify's recording hooks only watch
 
         def new(hooks: dict, known: frozenset) -> bool:
-            return any(h not in known and h not in OBSERVER_HOOK_IDS for h in hooks)
+            return any(h not in known and h not in OBSERVER_HOOK_IDS for h in hooks)  # verify's hooks only watch
 
         added = [self.name] if new(norm._forward_hooks, self.own_hooks) else []
         for fqn, module, forward_hooks, pre_hooks in self.consumers:

@@ -527,8 +527,8 @@ _MISSING = object()
 
 def _rewritten_graph(container: nn.Module, sites: list[tuple[RecomputeSite, str]]) -> tuple[fx.Graph | None, str]:
     """The container's forward graph with every site replaced by the fused call, or (None, why not)."""
-    graph, _names = _rewritten_graph_and_reads(container, sites)
-    return graph, _names if graph is None else ""
+    graph, reads_or_why = _rewritten_graph_and_reads(container, sites)
+    return (None, reads_or_why) if graph is None else (graph, "")
 
 
 def _rewritten_graph_and_reads(container: nn.Module, sites: list[tuple[RecomputeSite, str]]):
