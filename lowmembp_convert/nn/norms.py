@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowmembp_convert.observers import OBSERVER_HOOK_IDS
-from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd
+from lowmembp_convert.ops.norm_twin import ms_norm_twin_fwd, publish_twin
 from lowmembp_convert.ops.norms import ill_conditioned_channels, ms_layer_norm, ms_rms_norm
 
 __all__ = ["FoldedNormsGuard", "MSLayerNorm", "MSRMSNorm"]
@@ -176,13 +176,15 @@ class _MSNorm(nn.Module):
         if low is not None:
             weight = self.weight if self.affine_weight else None
             bias = self.bias if self.affine_bias else None
-            # Eager: the twin is saved by the op's autograd node, where the consumer TwinLinears find
-            # it. Compiled: the saved twin is a graph cast of y, merged (CSE) with the consumers' casts.
+            # Eager: the twin is published for the consumer TwinLinears to find from y's storage.
+            # Compiled: the saved twin is a graph cast of y, merged (CSE) with the consumers' casts.
             twin_output = not torch.compiler.is_compiling()
-            y, *_ = ms_norm_twin_fwd(
+            y, twin, *_ = ms_norm_twin_fwd(
                 x, weight, bias, self._eps_for(x), self.weight_offset, self._rms, low, twin_output,
                 self.min_abs_weight, self._kept_capacity(),
             )  # fmt: skip
+            if twin_output:
+                publish_twin(y, twin)
             return y
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(x.device.type):

@@ -17,22 +17,30 @@ Custom ops:
   its own cast, and sends the input gradient to ``input`` (whatever autograd path led there). Its
   backward is one more op, ``lowmembp::linear_on_twin_bwd``.
 
-How the twin reaches the Linear (:func:`autocast_twin_of`, called by ``nn.linear.TwinLinear``): the
-module graph only carries y, so the Linear finds the twin where autograd keeps it. Its input is y or
-a view of y (``input._base``); y's ``grad_fn`` is this norm's autograd node, whose saved tensors hold
-the twin; ``twin.as_strided`` with the input's own sizes, strides and offset is exactly
-``input.to(low)``. Nothing is stored on tensors or modules and no hook is installed: the twin lives
-exactly as long as autograd holds it, and any view chain works (reshape, transpose, slicing). The
-node records y's version, so a y modified in place after the norm is never paired with a stale twin.
+How the twin reaches the Linear (:func:`publish_twin` / :func:`autocast_twin_of`, called by the
+norm module and by ``nn.linear.TwinLinear``): the module graph only carries y, so in eager the norm
+publishes ``(y, twin)`` in a small table keyed by y's storage, and the Linear looks its input up
+there. Its input is y or any tensor viewing y's storage (reshape, transpose, slicing, ``detach``):
+y is a fresh contiguous buffer covering its whole storage, so ``twin.as_strided`` with the input's
+own sizes, strides and offset is exactly ``input.to(low)``. The pairing reads plain tensor metadata
+(storage, strides, dtype, the version counter that views share) and no autograd state: no
+``grad_fn``, no saved tensors, no ``_base``. So it holds under saved-tensor hooks
+(``save_on_cpu`` is handed the same twin by the norm and by every Linear),
+``checkpoint(use_reentrant=False)`` (the first forward and the recomputation take the same path,
+so they save the same tensors) and any view chain. A y modified in place after the norm (its
+version moved on) is never paired with a stale twin. The table holds the twin while y lives and
+until the norm's backward has run; an entry dies with y (weak reference).
 
-Under ``torch.compile`` there are no autograd nodes to look into, and none are needed: the norm op
-is called with ``twin_output=False`` (it returns an empty twin; its autograd saves ``y.to(low)``, cast
-outside the opaque op), and the Linear takes ``view(y.to(low))``, replaying its input's view chain on
-the cast of the base. After AOTAutograd's CSE both casts are one graph node, and the partitioner
-saves that one low-precision tensor (tests/ops/test_norm_twin.py measures it).
+Under ``torch.compile`` the table is not consulted: the norm op is called with ``twin_output=False``
+(it returns an empty twin; its autograd saves ``y.to(low)``, cast outside the opaque op) and the
+Linear takes the cast of its input, replaying the input's view chain (trace-time metadata, nothing
+at step time) on the cast of y. After AOTAutograd's CSE both casts are one graph node, and the
+partitioner saves that one low-precision tensor (tests/ops/test_norm_twin.py measures it).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +55,53 @@ from .norms import (
     refuse_double_backward,
 )
 
-__all__ = ["autocast_twin_of", "linear_on_twin", "linear_on_twin_bwd", "ms_norm_twin_fwd", "ms_norm_with_twin"]
+__all__ = [
+    "autocast_twin_of",
+    "linear_on_twin",
+    "linear_on_twin_bwd",
+    "ms_norm_twin_fwd",
+    "ms_norm_with_twin",
+    "publish_twin",
+]
 
-# Attribute of the twin norm's autograd node (its ctx): y's version counter when the twin was made.
-# Its presence marks the node as one whose first saved tensor is the twin of its first output.
-_TWIN_VERSION = "lowmembp_twin_of_version"
+# Eager pairing of a norm output with its twin: (device, storage address) -> _Published. An entry
+# lives while y lives (weak reference with a removal callback) and until the norm's backward ran.
+_PUBLISHED: dict[tuple[torch.device, int], _Published] = {}
+
+
+class _Published:
+    """One published twin: y (weakly), the twin (strongly) and y's version when it was made."""
+
+    __slots__ = ("__weakref__", "key", "twin", "version", "y")
+
+    def __init__(self, key: tuple[torch.device, int], y: Tensor, twin: Tensor) -> None:
+        self.key, self.twin, self.version = key, twin, y._version
+        self.y = weakref.ref(y, self._forget)
+
+    def _forget(self, _ref=None) -> None:
+        if _PUBLISHED.get(self.key) is self:
+            del _PUBLISHED[self.key]
+
+
+def _storage_key(t: Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def publish_twin(y: Tensor, twin: Tensor) -> _Published | None:
+    """Make ``twin`` (``y.to(low)``) findable by :func:`autocast_twin_of` from y or any view of y.
+
+    Only a y that is a fresh contiguous buffer covering its whole storage is published (what
+    ``ms_norm_twin_fwd`` returns), so every tensor viewing that storage in y's dtype is a view of
+    y's elements. Returns the entry (its ``release()`` drops it early), or None if not published.
+    """
+    if twin.numel() == 0 or twin.shape != y.shape or not (y.is_contiguous() and twin.is_contiguous()):
+        return None
+    if y.storage_offset() != 0 or y.numel() * y.element_size() != y.untyped_storage().nbytes():
+        return None
+    key = _storage_key(y)
+    entry = _Published(key, y, twin)
+    _PUBLISHED[key] = entry
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +132,7 @@ def ms_norm_twin_fwd(
             outside the op, a graph node the consumer Linears' own casts of y merge with (CSE).
 
     Returns (y, twin, rstd, kept_channels, kept_x_hat): y in ``x.dtype``, contiguous and not a view
-    (consumers find the twin through ``view._base``); twin in ``low_dtype``; the rest as for
+    (so that :func:`publish_twin` can pair any view of it with the twin); twin in ``low_dtype``; the rest as for
     ``ms_norm_fwd`` (``keep_below`` and ``kept_capacity`` too).
     Saved for backward: the twin, rstd, the kept channels' x_hat, weight and bias; not y.
     """
@@ -120,8 +170,21 @@ def _twin_setup_context(ctx, inputs, output) -> None:
     ctx.weight_offset, ctx.rms, ctx.x_dtype, ctx.twin_output = weight_offset, rms, x.dtype, twin_output
     ctx.mark_non_differentiable(rstd, kept_channels, kept_x_hat)
     ctx.set_materialize_grads(False)
-    if twin_output:
-        setattr(ctx, _TWIN_VERSION, y._version)
+    # which y to unpublish after backward (weakly: the entry dies with y anyway)
+    ctx.published_y = weakref.ref(y) if twin_output and not torch.compiler.is_compiling() else None
+
+
+def _release(published_y: weakref.ref | None) -> None:
+    """After this norm's backward no Linear can need its twin: drop the table's reference to it."""
+    y = None if published_y is None else published_y()
+    if y is None:
+        return  # never published, or y died and took its entry with it
+    try:
+        entry = _PUBLISHED.get(_storage_key(y))
+    except RuntimeError:  # a tensor without real storage (fake, traced): nothing was published
+        return
+    if entry is not None and entry.y() is y:
+        entry._forget()
 
 
 def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, *_non_differentiable: Tensor | None):
@@ -130,6 +193,7 @@ def _twin_backward(ctx, dy: Tensor | None, dtwin: Tensor | None, *_non_different
         return (None,) * 10
     refuse_double_backward(grads[0])
     twin, rstd, kept_channels, kept_x_hat, weight, bias = ctx.saved_tensors
+    _release(ctx.published_y)
     g = grads[0].float() if len(grads) == 1 else grads[0].float() + grads[1].float()
     dx, dweight, dbias = grads_from_output(ctx, g, twin, rstd, kept_channels, kept_x_hat, weight, bias)
     return dx, dweight, dbias, *(None,) * 7
@@ -153,6 +217,7 @@ def ms_norm_with_twin(
     rebuilds x_hat from the twin, so gradients carry the twin's precision (that of autocast).
     """
     y, twin, *_ = ms_norm_twin_fwd(x, weight, bias, float(eps), float(weight_offset), bool(rms), low_dtype, True)
+    publish_twin(y, twin)
     return y, twin
 
 
@@ -255,29 +320,23 @@ linear_on_twin.register_autograd(_linear_backward, setup_context=_linear_setup_c
 
 
 def autocast_twin_of(input: Tensor, low_dtype: torch.dtype) -> Tensor | None:
-    """``input.to(low_dtype)`` as a view of a twin that autograd already keeps, or None.
+    """``input.to(low_dtype)`` as a view of a published twin, or None (the caller casts itself).
 
-    Eager: when ``input`` is (a view of) the y of a live ``ms_norm_twin_fwd`` node, unchanged since,
-    returns the node's saved twin viewed with the input's sizes, strides and offset; otherwise None
-    (the caller falls back to the stock cast). Under torch.compile: the cast of the input's base with
-    the input's view chain replayed on it (or the input's own cast when it is not a view), which the
-    compiled graph merges with the cast of y that the norm's autograd saves.
+    Eager: when ``input`` views the storage of a y published by :func:`publish_twin` (y alive, in
+    ``input``'s dtype, neither modified in place since), returns the twin viewed with the input's
+    sizes, strides and offset. Under torch.compile: the cast of the input, its view chain replayed
+    on the cast of its base at trace time, which the compiled graph merges with the cast of y that
+    the norm's autograd saves.
     """
-    base = input._base
     if torch.compiler.is_compiling():
+        base = input._base  # a FakeTensor's trace-time view metadata; nothing is read at step time
         if base is None or base.dtype != input.dtype:
             return input.to(low_dtype)
         return input._view_func_unsafe(base.to(low_dtype))
-    base = input if base is None else base
-    node = base.grad_fn
-    version = getattr(node, _TWIN_VERSION, None)
-    if version is None or version != input._version or base.dtype != input.dtype:
+    entry = _PUBLISHED.get(_storage_key(input))
+    y = None if entry is None else entry.y()
+    if y is None or y.dtype != input.dtype or entry.twin.dtype != low_dtype:
         return None
-    try:
-        twin = node.saved_tensors[0]
-    except RuntimeError:  # a backward already freed the graph
-        return None
-    if twin.dtype != low_dtype or twin.shape != base.shape or not (twin.is_contiguous() and base.is_contiguous()):
-        return None
-    offset = input.storage_offset() - base.storage_offset()
-    return twin.detach().as_strided(input.size(), input.stride(), offset)
+    if input._version != entry.version or y._version != entry.version:
+        return None  # y (or the input, through another alias) was modified in place after the norm
+    return entry.twin.detach().as_strided(input.size(), input.stride(), input.storage_offset())

@@ -13,9 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import lowmembp_convert.nn.linear as linear_module
 from lowmembp_convert.memory import activation_memory
 from lowmembp_convert.nn import MSLayerNorm, MSRMSNorm
 from lowmembp_convert.nn.linear import TwinLinear
+from lowmembp_convert.ops import norm_twin
 from lowmembp_convert.ops.norm_twin import linear_on_twin, linear_on_twin_bwd, ms_norm_twin_fwd, ms_norm_with_twin
 
 LOW = torch.bfloat16
@@ -334,3 +336,91 @@ def test_twin_linear_holds_the_same_parameters_and_shows_in_print():
     assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
     with pytest.raises(TypeError, match="expected an nn.Linear"):
         TwinLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("view", ["none", "heads", "token_slice"])
+def test_save_on_cpu_is_handed_one_twin_by_the_norm_and_every_linear(view: str):
+    """Offloading packs whatever autograd saves; the Linears must pack the norm's own twin (the
+    same storage), not an unpacked copy of it nor a cast of their own."""
+    reference, twin = _blocks(view)
+    probe = torch.randn(B, T, D)
+    expected = _step(reference, _x(), probe)
+    low_storages, packed = set(), []
+
+    def pack(t):
+        if t.dtype == LOW:
+            low_storages.add(t.untyped_storage().data_ptr())
+            packed.append(t)
+        return t.clone()  # an offloaded copy: unpacking yields another tensor, as save_on_cpu does
+
+    twin.zero_grad()
+    x = _x().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=LOW):
+        out = twin(x)
+    (out.float() * probe).sum().backward()
+    assert len(packed) >= 2 and len(low_storages) == 1, (len(packed), len(low_storages))
+    assert torch.equal(out.detach(), expected[0])
+    assert (x.grad - expected[1]).norm() <= 0.01 * expected[1].norm()
+    with torch.autograd.graph.save_on_cpu(), torch.autocast("cpu", dtype=LOW):
+        out_cpu = twin(_x().requires_grad_(True))
+    assert torch.equal(out_cpu.detach(), expected[0])
+
+
+def test_checkpoint_forward_and_recomputation_both_read_the_twin(monkeypatch):
+    """Non-reentrant checkpoint recomputes the block in backward and requires the recomputation to
+    save what the first forward saved: both must take the twin path (two calls, no metadata error)."""
+    calls = []
+    real = linear_module.linear_on_twin
+
+    def counting(*args):
+        calls.append(torch.is_grad_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(linear_module, "linear_on_twin", counting)
+    _, twin = _blocks("heads")
+    probe = torch.randn(B, T, D)
+    expected = _step(twin, _x(), probe)
+    assert len(calls) == 1
+    twin.zero_grad()
+    x = _x().requires_grad_(True)
+    with torch.autocast("cpu", dtype=LOW):
+        out = checkpoint(twin, x, use_reentrant=False)
+    (out.float() * probe).sum().backward()
+    assert len(calls) == 3, calls  # the first forward and the recomputation
+    assert torch.equal(out.detach(), expected[0]) and torch.equal(x.grad, expected[1])
+    for name, p in twin.named_parameters():
+        assert torch.equal(p.grad, expected[2][name]), name
+
+
+def test_a_published_twin_is_released_after_backward_and_when_its_output_dies():
+    _, twin = _blocks("none")
+    norm = twin.norm
+    x = _x().requires_grad_(True)
+    with torch.autocast("cpu", dtype=LOW):
+        y = norm(x)
+    key = (y.device, y.untyped_storage().data_ptr())
+    assert norm_twin._PUBLISHED[key].twin.shape == y.shape
+    y.float().sum().backward()
+    assert key not in norm_twin._PUBLISHED  # y still alive, the twin no longer held
+    with torch.autocast("cpu", dtype=LOW):
+        y = norm(x)
+    key = (y.device, y.untyped_storage().data_ptr())
+    assert key in norm_twin._PUBLISHED
+    del y
+    assert key not in norm_twin._PUBLISHED
+    with torch.autocast("cpu", dtype=LOW), torch.no_grad():
+        norm(x)
+    assert not norm_twin._PUBLISHED  # nothing published without autograd
+
+
+def test_an_alias_of_other_storage_or_dtype_is_not_paired():
+    """Only tensors viewing y's own storage in y's dtype get the twin; anything else casts itself."""
+    _, twin = _blocks("none")
+    x = _x().requires_grad_(True)
+    with torch.autocast("cpu", dtype=LOW):
+        y = twin.norm(x)
+        assert norm_twin.autocast_twin_of(y[1:, ::2], LOW) is not None
+        assert torch.equal(norm_twin.autocast_twin_of(y[1:, ::2], LOW), y[1:, ::2].to(LOW))
+        assert norm_twin.autocast_twin_of(y.clone(), LOW) is None
+        assert norm_twin.autocast_twin_of(y.view(torch.int32), LOW) is None
+        assert norm_twin.autocast_twin_of(y, torch.float16) is None

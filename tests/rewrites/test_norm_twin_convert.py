@@ -119,3 +119,57 @@ def test_converted_block_compiles_fullgraph_and_keeps_no_more_than_eager(backend
     torch.testing.assert_close(got[0], eager[0], rtol=2e-2, atol=2e-2)
     assert (got[1] - eager[1]).norm() <= 0.01 * eager[1].norm()
     assert saved_by(compiled) <= eager_bytes
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32,
+    )  # fmt: skip
+    model = BertModel(config).train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model
+
+
+def _bert_step(model, ids):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids).last_hidden_state
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_bert_under_save_on_cpu_and_non_reentrant_checkpointing_shares_and_matches():
+    """HF BERT (post-norm) converted, under bf16 autocast: offloading is handed one twin per norm and
+    its Linears, and HF's non-reentrant gradient checkpointing recomputes the same step."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    model = convert(_tiny_bert(), example_inputs=((), {"input_ids": ids}))
+    assert sum(type(m) is TwinLinear for m in model.modules()) >= 4
+    out, grads = _bert_step(model, ids)
+
+    packs = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.dim() == 3:
+            packs[t.untyped_storage().data_ptr()] = packs.get(t.untyped_storage().data_ptr(), 0) + 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got, got_grads = _bert_step(model, ids)
+    assert torch.equal(got, out) and all(torch.equal(got_grads[n], g) for n, g in grads.items())
+    # each post-norm norm's twin is packed once by the norm and once by each consumer Linear
+    assert sorted(packs.values()).count(4) >= 2 and sorted(packs.values()).count(2) >= 2, packs
+    with torch.autograd.graph.save_on_cpu():
+        got, got_grads = _bert_step(model, ids)
+    assert torch.equal(got, out) and all(torch.equal(got_grads[n], g) for n, g in grads.items())
+
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    got, got_grads = _bert_step(model, ids)
+    assert torch.equal(got, out) and all(torch.equal(got_grads[n], g) for n, g in grads.items())
