@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -408,6 +409,7 @@ def recompute_act_linear(
     """
     # only weights needing gradients: the fused op would keep a and u where stock keeps the product
     needs_input_grad = a.requires_grad or (u is not None and u.requires_grad)
+    layout = _runtime_layout(consumer, layout)
     if needs_input_grad and _fused_applies(a, u, act, between, consumer, layout, stamp, kind):
         if layout == "lora":
             return _lora_act_linear(a, u, consumer, kind, act)
@@ -420,6 +422,39 @@ def recompute_act_linear(
     for module in between:
         p = module(p)
     return consumer(p)
+
+
+def _runtime_layout(consumer: nn.Module, layout: str) -> str:
+    """A Linear consumer that PEFT wrapped after converting (``get_peft_model`` on a converted model)
+    is served by the LoRA route, which re-checks at each call that the wrapper is a vanilla LoRA layer
+    over a plain Linear (``lora_runtime_modules``); anything else runs the stock calls."""
+    if layout == "linear" and not _is_plain_linear(consumer, layout) and hasattr(consumer, "base_layer"):
+        if not torch.compiler.is_compiling():
+            _hint_convert_again(consumer)
+        return "lora"
+    return layout
+
+
+_HINTED: set[type] = set()
+
+
+def _hint_convert_again(layer: nn.Module) -> None:
+    """Once per PEFT layer class: adapters added after convert() keep PEFT's upcast copy of their input
+    (wider adapters over a narrower model) until convert() runs on the PeftModel."""
+    lora_a = getattr(layer, "lora_A", None)
+    plain = isinstance(lora_a, nn.ModuleDict) and any(type(m) is nn.Linear for m in lora_a.values())
+    if not plain or type(layer) in _HINTED:
+        return
+    base = getattr(layer, "base_layer", None)
+    if base is None or all(m.weight.dtype == base.weight.dtype for m in lora_a.values()):
+        return  # no upcast to spare
+    _HINTED.add(type(layer))
+    warnings.warn(
+        "lowmembp_convert: PEFT adapters were added after convert(); the recomputed MLPs serve them, "
+        "but each adapter still keeps a float32 copy of its input. Call lowmembp_convert.convert() on "
+        "the PeftModel (again) to keep those inputs narrow too; it is exact and picks up every adapter.",
+        stacklevel=4,
+    )
 
 
 def _fused_applies(
