@@ -52,6 +52,9 @@ class WalkResult:
     # users that keep the output itself for backward but cannot take a fold (a Linear mixing tokens,
     # as in MLP-Mixer): a norm that keeps its affine still shares its saved output with them
     exact_sharers: list[str] = field(default_factory=list)
+    # dropout modules passed as identities (p = 0 or not training when captured): a fold with a shift
+    # is only right while they stay identities
+    identity_dropouts: list[str] = field(default_factory=list)
 
 
 class Transfer(NamedTuple):
@@ -132,6 +135,14 @@ def _where(node: fx.Node) -> str:
         path = list(stack.values())[-1][0]
         return f"{_op_name(node)} in {path or '<root>'}"
     return _op_name(node)
+
+
+_DROPOUT_NOTE = "identity dropout:"  # a pass note: the module that called it follows
+
+
+def _caller_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
 
 
 def _blocked(node: fx.Node, why: str = "") -> Transfer:
@@ -393,7 +404,7 @@ def _pad(node: fx.Node, src: fx.Node, pos: int) -> Transfer:
 def _dropout(node: fx.Node, src: fx.Node, pos: int) -> Transfer:
     p, train = _arg(node, "p", 0.5), _arg(node, "train")
     if not p or train is False:  # native_dropout's train=None means training
-        return Transfer("pass", pos, True)
+        return Transfer("pass", pos, True, _DROPOUT_NOTE + (_caller_path(node) or ""))
     return Transfer("break", pos, False, f"{_where(node)} (p={p}) sits between the norm and its consumer")
 
 
@@ -454,5 +465,7 @@ def walk_from(start: fx.Node, channel_dim: int) -> WalkResult:
                 result.bias_blockers.append(note)
             if kind == "break":
                 result.sharing_breakers.append(note)
+            if kind == "pass" and note.startswith(_DROPOUT_NOTE) and note != _DROPOUT_NOTE:
+                result.identity_dropouts.append(note[len(_DROPOUT_NOTE) :])
             todo.append((user, new_pos, shares and is_view))
     return result

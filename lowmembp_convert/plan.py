@@ -54,6 +54,8 @@ class NormSite:
     fold_bias: bool = False  # fold with a norm bias: it moves into the consumers' biases too
     autocast_output: bool = False  # may emit the autocast dtype (all users cast it anyway)
     already_folded: bool = False  # affine is identity already (a converted checkpoint)
+    # fold with a shift: the dropout modules passed on the way as identities (p = 0), watched after
+    dropouts: tuple[str, ...] = ()
     reason: str = ""
 
 

@@ -245,14 +245,24 @@ class FoldWatch:
       or version is checked by value (one read), so ``.to()``, loading identity values and
       ``functional_call`` with the converted model's own buffers pass;
     - a forward hook or pre-hook added after conversion on the norm or one of its consumers: it would
-      see x_hat (and the consumer's folded input) instead of the stock values.
+      see x_hat (and the consumer's folded input) instead of the stock values;
+    - a dropout module on the way to the consumers, an identity (p = 0) when the norm's shift was
+      folded into the consumers' biases, now dropping in training (p > 0): the folded shift would
+      skip the dropout that the stock shift goes through.
 
     The consumers are held by reference (a plain object, not registered as submodules), so copies
     and pickles of the model carry the watch along with them.
     """
 
-    def __init__(self, norm: nn.Module, name: str, consumers: list[tuple[str, nn.Module]]) -> None:
+    def __init__(
+        self,
+        norm: nn.Module,
+        name: str,
+        consumers: list[tuple[str, nn.Module]],
+        dropouts: list[tuple[str, nn.Module]] = (),
+    ) -> None:
         self.name = name
+        self.dropouts = [(fqn, m) for fqn, m in dropouts if hasattr(m, "p")]
         self.consumers = [
             (fqn, m, frozenset(m._forward_hooks), frozenset(m._forward_pre_hooks)) for fqn, m in consumers
         ]
@@ -281,6 +291,14 @@ class FoldWatch:
 
         def new(hooks: dict, known: frozenset) -> bool:
             return any(h not in known and h not in OBSERVER_HOOK_IDS for h in hooks)  # verify's hooks only watch
+
+        for fqn, dropout in self.dropouts:
+            if dropout.training and dropout.p:
+                raise RuntimeError(
+                    f"lowmembp_convert: {fqn} now drops (p={dropout.p}) between {self.name} and its consumers, "
+                    f"but norms='fold' moved {self.name}'s shift into their biases while it was an identity, so the "
+                    f"shift would skip the dropout. {fix}"
+                )
 
         added = [self.name] if new(norm._forward_hooks, self.own_hooks) else []
         for fqn, module, forward_hooks, pre_hooks in self.consumers:

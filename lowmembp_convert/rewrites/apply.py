@@ -217,7 +217,8 @@ def apply_plan(
         ms = _ms_norm_for(norm, site, min_abs_weight, autocast_twin=twin)
         if site.action == "fold" and not site.already_folded:
             consumers = [(c.module, model.get_submodule(c.module)) for c in site.consumers]
-            ms.__dict__["_lowmembp_fold_watch"] = FoldWatch(ms, site.module, consumers)
+            dropouts = [(d, model.get_submodule(d)) for d in site.dropouts]
+            ms.__dict__["_lowmembp_fold_watch"] = FoldWatch(ms, site.module, consumers, dropouts)
         replace_module(model, norm, ms)
     if any(s.action == "fold" for s in plan.norms) and not FoldedNormsGuard.registered_on(model):
         model.register_load_state_dict_pre_hook(FoldedNormsGuard(model))

@@ -250,6 +250,7 @@ class NormAnalyzer:
             walk.bias_blockers += one.bias_blockers
             walk.sharing_breakers += one.sharing_breakers
             walk.exact_sharers += one.exact_sharers
+            walk.identity_dropouts += one.identity_dropouts
         consumers, problems, consumer_nodes = self.consumers(walk)
         site.consumers = tuple(consumers)
         blockers = list(dict.fromkeys(walk.blockers + problems))
@@ -281,6 +282,7 @@ class NormAnalyzer:
         if not blockers and not conflicts and not shift_problem and not own:
             site.action = "fold"
             site.fold_bias = spec.has_bias
+            site.dropouts = tuple(dict.fromkeys(walk.identity_dropouts)) if spec.has_bias else ()
             site.autocast_output = True
             site.already_folded = self._is_identity(module, spec)
             return site

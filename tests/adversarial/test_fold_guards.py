@@ -112,3 +112,43 @@ def test_moves_copies_and_pickles_keep_the_watch_quiet_and_awake() -> None:
         with pytest.raises(RuntimeError, match="a forward hook was added to fc"):
             clone(x)
     assert torch.equal(model(x), y)  # the original is not affected by its copies' hooks
+
+
+class _DropoutBlock(nn.Module):
+    """norm -> Dropout(p=0) -> fc: with p = 0 the dropout commutes with the norm's shift, so a fold moves
+    the shift into fc's bias; a fine-tuning schedule that raises p later must not meet a stale fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.drop, self.fc = nn.LayerNorm(8), nn.Dropout(0.0), nn.Linear(8, 4)
+        self.other = nn.Dropout(0.0)  # not between the norm and fc: free to change
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.fc(self.drop(self.norm(x))))
+
+
+def test_a_dropout_switched_on_between_a_shift_folded_norm_and_its_consumer_raises() -> None:
+    torch.manual_seed(0)
+    stock = _randomise_norms(_DropoutBlock()).train()
+    x = ((torch.randn(3, 8),), {})
+    model = convert(copy.deepcopy(stock), example_inputs=x, norms="fold", activations=False)
+    site = model.lowmembp_report.plan.norm("norm")
+    assert site.action == "fold" and site.fold_bias and site.dropouts == ("drop",)
+    expected = stock(*x[0])
+    torch.testing.assert_close(model(*x[0]), expected, rtol=1e-5, atol=1e-5)
+    model.other.p = 0.5  # elsewhere: no concern of the fold
+    model(*x[0])
+    model.other.p = 0.0
+    model.drop.p = 0.1
+    with pytest.raises(RuntimeError, match=r"drop now drops \(p=0.1\) between norm and its consumers"):
+        model(*x[0])
+    model.eval()  # not dropping: the fold is right again
+    torch.testing.assert_close(model(*x[0]), stock.eval()(*x[0]), rtol=1e-5, atol=1e-5)
+    # the default keeps the shift in the norm: any p is the stock behaviour
+    shared = convert(copy.deepcopy(stock).train(), example_inputs=x, activations=False)
+    shared.drop.p = 0.1
+    torch.manual_seed(1)
+    got = shared(*x[0])
+    stock.train().drop.p = 0.1
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, stock(*x[0]), rtol=1e-5, atol=1e-5)
