@@ -174,6 +174,7 @@ def convert_checked(model: nn.Module, inputs, *, grad_exact: bool | None = None,
     exact = options.get("activations", True) != "approx" if grad_exact is None else grad_exact
     if options.get("norms", True) != "fold":
         assert_stock_state(original, model, inputs)
+        assert_hooks_see_stock(original, model, inputs)
     args, kwargs = inputs
     if exact and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
         for m in (original, model):
@@ -199,6 +200,39 @@ def assert_stock_state(original: nn.Module, converted: nn.Module, inputs) -> Non
         assert torch.equal(value, got[key]), f"state_dict[{key!r}] changed"
     converted.load_state_dict(expected)
     assert_function_kept(original, converted, inputs)
+
+
+def assert_hooks_see_stock(original: nn.Module, converted: nn.Module, inputs) -> None:
+    """Forward hooks registered after converting, on every module, see the stock values (in training,
+    with autograd on, where the rewritten paths would run), and removing them leaves the model as it was."""
+    args, kwargs = inputs
+    seen: dict[str, dict[str, list[torch.Tensor]]] = {"stock": {}, "converted": {}}
+    handles = []
+    for key, model in (("stock", original), ("converted", converted)):
+        for name, module in model.named_modules():
+
+            def record(_m, _args, out, _name=name, _into=seen[key]):
+                kept = [t.detach().clone() for t in tensors_of(out) if t.is_floating_point()]
+                _into.setdefault(_name, []).extend(kept)
+
+            handles.append(module.register_forward_hook(record))
+    modes = {m: m.training for model in (original, converted) for m in model.modules()}
+    try:
+        for model in (original, converted):
+            model.train()
+            torch.manual_seed(0)
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, t in modes.items():
+            m.training = t
+    assert seen["stock"].keys() == seen["converted"].keys(), "hooks ran on other modules"
+    for name, expected in seen["stock"].items():
+        got = seen["converted"][name]
+        assert [t.shape for t in expected] == [t.shape for t in got], f"a hook on {name!r} saw other tensors"
+        for a, b in zip(expected, got, strict=True):
+            assert rel(a, b) < 1e-5, f"a hook on {name!r} saw {rel(a, b):.2e} away from stock"
 
 
 def train_next_to_stock(original: nn.Module, converted: nn.Module, x: torch.Tensor, steps: int = 3) -> None:

@@ -3,7 +3,8 @@
 Every seed is a test id (``test_random_model_keeps_the_rule[norms-seed]``), so a failure names the
 seed that reproduces it: ``FuzzModel(seed)``. Bugs it found are kept as named tests in this folder.
 Every seed converts twice: with the default ``norms="share"`` (the stock parameters: the rule also
-checks the stock state dict and a few SGD steps next to stock) and with ``norms="fold"`` (the folds
+checks the stock state dict, forward hooks added on every module after converting, and a few SGD
+steps next to stock) and with ``norms="fold"`` (the folds
 through towers, loops and shared weights). A third of the seeds leave the activations alone, a third
 take the default ``activations="auto"`` (exact: input and parameter gradients are compared in both
 cases), a third the paper's ``"approx"`` (forward compared; its backward is approximate by design).
