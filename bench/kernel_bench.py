@@ -357,6 +357,7 @@ _AOT_KERNEL_ORDER = [
     "_step_activation_bwd_kernel",
     "_rebuild_kernel",
     "_act_grads_kernel",
+    "ce_rows_kernel",
 ]
 # Floor per docs/method.md section 6, by element size. The affine (dweight / dbias) pass has none of its
 # own: section 6's norm bwd figure (3e) is the whole backward, dx and the parameter gradients.
@@ -373,6 +374,8 @@ _AOT_FLOOR: dict[str, Callable[[int], float] | None] = {
     # the exact recompute passes (ops/recompute.py): no figure in section 6; they move only their operands
     "_rebuild_kernel": None,
     "_act_grads_kernel": None,
+    # the loss head's rows (ops/cross_entropy_rows.py): no figure in section 6
+    "ce_rows_kernel": None,
 }
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 __all__ = [
     "DTYPES",
     "NS",
+    "VOCABS",
     "TARGETS",
     "CompileResult",
     "KernelConfig",
@@ -46,6 +47,8 @@ __all__ = [
 TARGETS: tuple[int, ...] = (80, 90)  # sm_80 (A100), sm_90 (H100)
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")  # storage dtype of every tensor argument
 NS: tuple[int, ...] = (64, 768, 4096, 8192, 16384, 65536)  # row length (norms) / element count (activations)
+# Vocabularies of the loss head's row kernel besides NS: GPT-2, LLaMA-3, Qwen2, Gemma 2, Gemma 3.
+VOCABS: tuple[int, ...] = (50257, 128256, 151936, 256000, 262144)
 # Rows of the [M, N] norm problems: only runtime arguments (M, rows_per_program) depend on it.
 NOMINAL_ROWS = 4096
 NOMINAL_KEPT = 3  # kept (ill-conditioned) channels of a norm, as the row stride of their buffer
@@ -58,7 +61,8 @@ class KernelConfig:
     """One compilation of one kernel: everything that makes a distinct cubin.
 
     Attributes:
-        module: kernel module under ``lowmembp_convert.kernels`` ("norms", "activations" or "recompute").
+        module: kernel module under ``lowmembp_convert.kernels`` ("norms", "activations", "recompute" or
+            "cross_entropy").
         kernel: name of the ``@triton.jit`` function.
         dtype: storage dtype of the tensor arguments ("fp32", "fp16", "bf16"); fp32 buffers stay fp32.
         signature: (name, triton type, divisible by 16) of each non-constexpr argument, as the JIT
@@ -338,6 +342,31 @@ def _recompute_configs(n: int, dtype: str) -> list[KernelConfig]:
     return configs
 
 
+def _cross_entropy_configs(n: int, dtype: str) -> list[KernelConfig]:
+    """The loss head's row kernel for a vocabulary of ``n`` (from ``NS`` and the real vocabularies in
+    ``VOCABS``), with and without the in-place gradient."""
+    from lowmembp_convert.ops import cross_entropy_rows
+
+    s = cross_entropy_rows.launch_settings(n)
+    signature = (
+        _ptr("LOGITS", dtype),
+        _ptr("TARGET", "i64"),
+        _ptr("SCALE", "fp32"),
+        _ptr("LOSS", "fp32"),
+        _ptr("LSE", "fp32"),
+        _ptr("GRAD", dtype),
+        _int_arg("stride_row", n),
+        _int_arg("stride_grad_row", n),
+        _int_arg("V", n),
+        _int_arg("ignore_index", -100),
+    )
+    launch = (("BLOCK_V", s.block_v),)
+    return [
+        KernelConfig("cross_entropy", "ce_rows_kernel", dtype, signature, (("HAS_GRAD", grad),), launch, s.num_warps)
+        for grad in (False, True)
+    ]
+
+
 def all_configs(ns: Iterable[int] = NS, dtypes: Iterable[str] = DTYPES) -> dict[KernelConfig, tuple[int, ...]]:
     """Every distinct configuration the launchers choose for these N and dtypes -> the N choosing it.
 
@@ -348,6 +377,9 @@ def all_configs(ns: Iterable[int] = NS, dtypes: Iterable[str] = DTYPES) -> dict[
     found: dict[KernelConfig, list[int]] = {}
     for n, dtype in itertools.product(ns, dtypes):
         for config in _norm_configs(n, dtype) + _activation_configs(n, dtype) + _recompute_configs(n, dtype):
+            found.setdefault(config, []).append(n)
+    for n, dtype in itertools.product((*ns, *VOCABS), dtypes):
+        for config in _cross_entropy_configs(n, dtype):
             found.setdefault(config, []).append(n)
     return {config: tuple(sorted(set(n))) for config, n in found.items()}
 
@@ -393,6 +425,8 @@ def issued_bytes_per_element(config: KernelConfig) -> float:
         return (3 if flags["GATED"] else 2) * e  # a [and u] in, p out
     if config.kernel == "_act_grads_kernel":
         return (5 if flags["GATED"] else 3) * e  # dp, a [and u] in; da [and du] out
+    if config.kernel == "ce_rows_kernel":
+        return (3 if flags["HAS_GRAD"] else 1) * e  # the row once (twice and a write with the gradient)
     raise ValueError(f"unknown kernel {config.kernel}")
 
 
@@ -547,7 +581,7 @@ def _load_kernel_modules(kernel_dir: str) -> dict:
     import importlib.util
 
     modules = {}
-    for name in ("norms", "activations", "recompute"):  # recompute imports activations: load it first
+    for name in ("norms", "activations", "recompute", "cross_entropy"):  # recompute imports activations
         full = f"lowmembp_convert.kernels.{name}"
         spec = importlib.util.spec_from_file_location(full, os.path.join(kernel_dir, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)

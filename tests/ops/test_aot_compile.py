@@ -86,6 +86,7 @@ def test_default_set_keeps_one_configuration_per_code_path() -> None:
         "_step_activation_bwd_kernel",
         "_rebuild_kernel",
         "_act_grads_kernel",
+        "ce_rows_kernel",
     }
     assert {c.dtype for c in default} == set(aot.DTYPES)
     # both row-kernel paths, all three activations, the five reachable affine flag sets
