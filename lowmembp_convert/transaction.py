@@ -6,9 +6,10 @@ Two tools:
   and hooks, as references), the transformers configs, and copies of the parameter values a fold will
   edit (kept on the CPU, so a GPU model is never doubled on its device). ``restore()`` makes the model
   exactly as it was: same module objects, same parameter objects and values, same hooks.
-- :func:`no_side_effects`: a forward run for measuring or verifying leaves no trace: buffers
-  (BatchNorm statistics, counters), the random number generators and train/eval flags are restored,
-  and hooks or attributes the forward added to modules are removed (:func:`no_lasting_additions`:
+- :func:`no_side_effects`: a forward run for measuring, verifying or tracing leaves no trace: buffers
+  (BatchNorm statistics, counters), module attributes the forward re-bound (``self.calls += 1``),
+  the random number generators and train/eval flags are restored, and hooks or attributes the
+  forward added to modules are removed (:func:`no_lasting_additions`:
   transformers installs output-capturing hooks, local functions that would make the model unpicklable,
   the first time hidden states are requested).
 """
@@ -160,7 +161,10 @@ def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iter
     Yields the random state the block starts from.
     """
     before = RandomState.capture()
-    holders = [(m, dict(m._buffers)) for m in _unique_modules(model)]
+    modules = _unique_modules(model)
+    holders = [(m, dict(m._buffers)) for m in modules]
+    # attributes a forward may re-bind (a call counter, a cached value): put back by identity
+    plain = [(m, {k: v for k, v in vars(m).items() if not isinstance(v, dict)}) for m in modules]
     values = [(b, b.detach().clone()) for _m, bufs in holders for b in bufs.values() if b is not None]
     if replay is not None:
         replay.restore()
@@ -168,6 +172,11 @@ def no_side_effects(model: nn.Module, replay: RandomState | None = None) -> Iter
         with preserved_modes(model), no_lasting_additions(model):
             yield replay or before
     finally:
+        for module, attributes in plain:
+            own = vars(module)
+            for key, value in attributes.items():
+                if own.get(key, value) is not value:
+                    own[key] = value
         for module, buffers in holders:
             module._buffers.clear()
             module._buffers.update(buffers)

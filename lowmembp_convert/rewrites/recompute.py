@@ -34,7 +34,7 @@ from ..nn.handoff import HandoffLinear
 from ..observers import hooked, note_switched_off
 from ..ops.recompute import act_linear
 from ..ops.recompute_module import BY_MODULE, module_act_linear
-from ..transaction import preserved_modes
+from ..transaction import no_side_effects, preserved_modes
 
 aten = torch.ops.aten
 OPTIONS = ("stock", "recompute", "approx")  # tie order: exact and untouched first
@@ -386,8 +386,31 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
+class ImpureForward(Exception):
+    """The container's forward changes state when it runs: a traced rewrite would not."""
+
+
 def _trace(container: nn.Module) -> fx.Graph:
-    return _ChildrenAsLeaves().trace(container)
+    """The container's forward graph. torch.fx runs the forward's Python on proxies: a forward that
+    changes its own state (a counter buffer updated in place, an attribute re-bound) would do so here,
+    for real, once, and the traced graph would not do it at all. Such a forward raises ImpureForward;
+    what tracing changed is put back either way (``no_side_effects``)."""
+    buffers = {name: (b, b._version) for name, b in container.named_buffers()}
+    attributes = {k: v for k, v in vars(container).items() if not isinstance(v, dict)}
+    with no_side_effects(container):
+        graph = _ChildrenAsLeaves().trace(container)
+        changed = [n for n, (b, version) in buffers.items() if b._version != version]
+        now = dict(container.named_buffers())
+        changed += [n for n, (b, _v) in buffers.items() if now.get(n) is not b]
+        own = vars(container)
+        changed += [k for k, v in attributes.items() if own.get(k, v) is not v]
+    if changed:
+        names = ", ".join(sorted(set(changed)))
+        raise ImpureForward(
+            f"{type(container).__name__}.forward changes its own state when it runs ({names}); "
+            "a traced rewrite would drop that"
+        )
+    return graph
 
 
 def recompute_act_linear(
@@ -574,6 +597,8 @@ def _rewritten_graph_and_reads(container: nn.Module, sites: list[tuple[Recompute
         with preserved_modes(container):
             container.train(not container.training)
             other = _trace(container).python_code("self").src
+    except ImpureForward as exc:
+        return None, str(exc)
     except Exception as exc:  # any tracing failure: this container stays as it is
         return None, f"{type(container).__name__}.forward cannot be traced by torch.fx ({type(exc).__name__})"
     if code != other:

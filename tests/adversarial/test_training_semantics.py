@@ -5,6 +5,8 @@ torch.func either work exactly or fail with a clear error."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -161,3 +163,42 @@ def test_per_sample_gradients_with_torch_func_match_stock() -> None:
     # fc2 is not a fold target: its per-sample gradients are the stock ones exactly (torch.func runs the stock ops)
     assert rel(stock["fc2.weight"], converted["fc2.weight"]) < 1e-5
     assert F.gelu is not None
+
+
+class _CountingMLP(nn.Module):
+    """A forward with state: a Python counter and a buffer updated in place on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+        self.calls = 0
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.steps += 1
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def test_convert_leaves_forward_state_as_it_was_and_every_later_call_updates_it_once() -> None:
+    """convert() runs the forward (capture, tracing, verify): what those runs change is put back, and
+    a container whose forward changes state is never replaced by a traced copy that would not."""
+    from lowmembp_convert.rewrites.recompute import ImpureForward, _trace
+
+    torch.manual_seed(0)
+    model = _CountingMLP()
+    stock = copy.deepcopy(model)
+    x = torch.randn(2, 4, 16)
+    convert(model, example_inputs=((x,), {}))
+    assert (model.calls, int(model.steps)) == (0, 0)
+    for step in range(1, 3):
+        x_a, x_b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, expected = model(x_a), stock(x_b)
+        assert (model.calls, int(model.steps)) == (stock.calls, int(stock.steps)) == (step, step)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(x_a.grad, x_b.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ImpureForward, match=r"changes its own state when it runs \(calls, steps\)"):
+        _trace(model)
+    assert (model.calls, int(model.steps)) == (2, 2)
