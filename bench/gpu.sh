@@ -6,7 +6,7 @@
 # Installs nothing from anywhere: it uses the machine's python3 (torch, triton, transformers, timm,
 # peft are in its image). If this repo's package is not importable it is built from this checkout
 # into a private folder (--no-index --no-deps: offline, touches no system site-packages).
-# Every step has its own time limit (100 + 80 + 30 + 210 + 40 s) so the whole run stays under 8 minutes;
+# Every step has its own time limit (100 + 70 + 30 + 190 + 80 s) so the whole run stays under 8 minutes;
 # each step's output goes to $OUT/<step>.log (default OUT=./out), the tables to $OUT/gpu_models.md
 # and .json, and a summary with every step's exit status and duration to $OUT/gpu_report.md.
 #
@@ -61,14 +61,17 @@ else
     # 1. kernels: correctness + bandwidth against torch and the copy roofline (bench/kernel_bench.py).
     step kernels 100 "$PY" bench/kernel_bench.py --markdown
     # 2. GPU correctness tests: the ops tests (they run on CUDA when present), then every gpu-marked test.
-    step tests 80 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/ops
+    step tests 70 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/ops
     step tests_gpu 30 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
     # 3. models: peak memory and throughput, largest batch in a budget. Its own deadline stops new
-    #    cells at 180 s; the limit leaves room for the cell in flight (a compile takes about a minute).
-    step models 210 "$PY" bench/gpu_models.py --out "$OUT" --deadline-s 150
+    #    cells at 140 s; the limit leaves room for the cell in flight (a compile takes about a minute).
+    step models 190 "$PY" bench/gpu_models.py --out "$OUT" --deadline-s 140
     # 4. the loss head on Qwen2-0.5B shapes: saved bytes, peak (max_memory_allocated) and step time,
     #    stock / convert without the head / the exact head.
-    step loss_head 40 "$PY" bench/loss_head.py --only qwen2_0.5b --reps 3 --device cuda  # table in loss_head.log (the device tool returns 8 files)
+    #    Then the head alone on three model shapes: stock, exact, fused, the row kernel and (when
+    #    installed) Liger's fused linear cross-entropy, peak and time side by side. Both tables go to
+    #    loss_head.log (the device tool returns 8 files).
+    step loss_head 80 sh -c "\"$PY\" bench/loss_head.py --only qwen2_0.5b --reps 3 --device cuda; \"$PY\" bench/head_kernels.py --device cuda --reps 3"
 fi
 
 {

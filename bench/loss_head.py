@@ -1,4 +1,5 @@
-"""Whole training step with the loss: stock, today's convert (loss_head=False) and the exact loss head.
+"""Whole training step with the loss: stock, today's convert (loss_head=False), the exact loss head
+and the fused one (loss_head="fused": no logits while training; keeps float32 dh and dW instead).
 
 Per workload (bf16 weights unless ``--dtype float32``, one sequence, labels = the ids, random norm
 affines), at depths 1 and 2:
@@ -59,7 +60,8 @@ WORKLOADS = {
                     head_dim=256, vocab_size=256_000, final_logit_softcapping=30.0),
     ),
 }  # fmt: skip
-VARIANTS = ("stock", "today", "exact_head")
+VARIANTS = ("stock", "today", "exact_head", "fused")
+LOSS_HEAD = {"today": False, "exact_head": True, "fused": "fused"}  # convert()'s loss_head per variant
 TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=3000)
 
 
@@ -90,7 +92,7 @@ def _variant(stock: torch.nn.Module, variant: str, example) -> torch.nn.Module:
     if variant == "stock":
         return stock
     model = copy.deepcopy(stock)
-    return lc.convert(model, loss_head=variant == "exact_head", example_inputs=example)
+    return lc.convert(model, loss_head=LOSS_HEAD[variant], example_inputs=example)
 
 
 def _measure(spec: dict, layers: int, device: str, reps: int, dtype: torch.dtype, steps: bool) -> dict[str, dict]:
@@ -128,7 +130,7 @@ def _measure(spec: dict, layers: int, device: str, reps: int, dtype: torch.dtype
             "saved": saved,
             "peak": peak,
             "seconds": statistics.median(times) if times else None,
-            "head": heads[0].reason if heads else "",  # starts with "exact:" or "left stock:"
+            "head": heads[0].reason if heads else "",  # starts with "exact:", "fused" or "left stock:"
         }
         del model
     return out

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import naming
 from .capture import CaptureError, capture_graph
-from .config import ConvertConfig, resolve_config
+from .config import ConvertConfig, loss_head_mode, resolve_config
 from .detect import Detector
 from .plan import NormSite, Plan
 from .rewrites.activations import find_activations, report_functional_activations
@@ -76,7 +76,7 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         if adapters:
             plan.notes.append("PEFT adapter inputs left as they are: the graph that proves the rewrite is missing")
         if heads:  # checked at run time (the loss takes the exact path only given the head's own output)
-            plan_loss_heads(model, plan, None, None)
+            plan_loss_heads(model, plan, None, None, loss_head_mode(config))
         return plan
     plan.capture = f"torch.export (non-strict, fake tensors), {capture.seconds:.1f} s"
     analyzer = NormAnalyzer(model, config, capture)
@@ -96,7 +96,7 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
     if adapters:
         plan_adapter_inputs(model, plan, capture, config)
     if heads:
-        plan_loss_heads(model, plan, capture, _rows(config, model))
+        plan_loss_heads(model, plan, capture, _rows(config, model), loss_head_mode(config))
     if mode:
         report_functional_activations(capture, model, plan)
     return plan

@@ -257,9 +257,15 @@ def _measure(model: nn.Module, inputs) -> int:
     """Bytes saved for backward by one training-mode forward of ``model`` on ``inputs``, leaving no
     trace (buffers such as BatchNorm statistics, RNG, train/eval flags are restored)."""
     from .memory import activation_memory
+    from .nn.fused_logits import FusedLogits
+
+    def run():
+        out = verification.first_tensor(model(*args, **kwargs))
+        # a fused loss head's placeholder logits (no labels here, so no loss) have nothing to sum
+        return out if isinstance(out, FusedLogits) else out.float().sum()
 
     args, kwargs = inputs
     with no_side_effects(model):
         model.train()
-        saved = activation_memory(lambda: verification.first_tensor(model(*args, **kwargs)).float().sum(), params=model)
+        saved = activation_memory(run, params=model)
     return saved.total

@@ -13,6 +13,7 @@ import torch.nn as nn
 FilterFn = Callable[[nn.Module, str], bool]
 ACTIVATION_MODES = ("auto", "approx", "recompute", True, False)
 NORM_MODES = ("share", "fold", True, False)
+LOSS_HEAD_MODES = ("exact", "fused", True, False)
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,19 @@ class ConvertConfig:
             float32, chosen in every forward from the current weights. Nothing is skipped or raised.
         measure_memory: measure bytes saved for backward before and after (one extra
             forward+backward of each on a random batch) and put them in the report.
-        loss_head: (default on) a transformers causal / masked LM's loss (``lm_head`` then
-            ``ForCausalLMLoss``/``ForMaskedLMLoss``) keeps nothing of size rows x vocabulary for
-            backward: the loss is computed from the logits the head returned, and backward recomputes
-            the head's GEMM in chunks of rows (one more head GEMM). Loss, logits and gradients are the
-            stock ones (the loss up to the order of a float32 sum).
+        loss_head: a transformers causal / masked LM's loss (``lm_head`` then
+            ``ForCausalLMLoss``/``ForMaskedLMLoss``). ``"exact"`` (``True``, the default): keeps nothing
+            of size rows x vocabulary for backward; the loss is computed from the logits the head
+            returned and backward recomputes the head's GEMM in chunks of rows (one more head GEMM).
+            Loss, logits and gradients are the stock ones (the loss up to the order of a float32 sum).
+            ``"fused"`` (opt-in, for training loops that never read logits): while autograd records
+            in training mode the head computes no logits and returns a ``FusedLogits`` placeholder
+            (shape, dtype and device, no values; any use but the model's loss raises
+            ``FusedLogitsError`` naming the fix); the loss computes the logits and their gradients
+            chunk by chunk in one pass and keeps float32 dh (rows x hidden) and dW (vocab x hidden,
+            when the head is trainable) for backward: the stock number of head GEMMs, and no tensor
+            of rows x vocabulary at any time. Eval mode, ``torch.no_grad()``, ``torch.compile`` and
+            ``torch.func`` get real logits (the exact path). ``False``: leave the loss alone.
     """
 
     activations: bool | str = True
@@ -68,7 +77,7 @@ class ConvertConfig:
     untie_embeddings: bool = False
     min_abs_weight: float = 1e-3
     measure_memory: bool = False
-    loss_head: bool = True
+    loss_head: bool | str = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -118,7 +127,12 @@ def validate(config: ConvertConfig) -> None:
             f"ConvertConfig.norms must be one of {NORM_MODES} (True means 'share': keep the stock parameters; "
             f"'fold' reparameterizes), got {config.norms!r}"
         )
-    for name in ("adapter_inputs", "verify", "untie_embeddings", "measure_memory", "loss_head"):
+    if config.loss_head not in LOSS_HEAD_MODES or not isinstance(config.loss_head, (bool, str)):
+        raise ValueError(
+            f"ConvertConfig.loss_head must be one of {LOSS_HEAD_MODES} (True means 'exact': the stock logits, "
+            f"nothing of rows x vocabulary kept; 'fused': no logits while training), got {config.loss_head!r}"
+        )
+    for name in ("adapter_inputs", "verify", "untie_embeddings", "measure_memory"):
         _bool(name, getattr(config, name))
     if config.filter_fn is not None and not callable(config.filter_fn):
         raise TypeError(f"ConvertConfig.filter_fn must be a callable (module, fqn) -> bool, got {config.filter_fn!r}")
@@ -146,3 +160,10 @@ def norm_mode(config: ConvertConfig) -> str | None:
     if config.norms is False:
         return None
     return "share" if config.norms is True else config.norms
+
+
+def loss_head_mode(config: ConvertConfig) -> str | None:
+    """ "exact", "fused", or None (the loss left alone). ``True`` means "exact"."""
+    if config.loss_head is False:
+        return None
+    return "exact" if config.loss_head is True else config.loss_head

@@ -97,8 +97,9 @@ class AdapterSite:
     reason: str = ""
 
 
-# exact: the model's loss_function becomes ExactHeadLoss over the same lm_head (class swapped).
-LossHeadAction = Literal["exact", "skip"]
+# exact: the model's loss_function becomes ExactHeadLoss over the same lm_head (class swapped);
+# fused (only when asked, loss_head="fused"): the same, and the head returns FusedLogits while training.
+LossHeadAction = Literal["exact", "fused", "skip"]
 
 
 @dataclass
@@ -110,8 +111,14 @@ class LossHeadSite:
     loss: str  # "ForCausalLM" or "ForMaskedLM"
     action: LossHeadAction = "skip"
     # bytes the loss keeps for backward on the example batch: "stock" (float32 log-probabilities), "exact"
+    # (nothing), "fused" (float32 dh, rows x hidden, and dW, vocab x hidden when the head is trainable)
     estimate: dict[str, int] = field(default_factory=dict)
-    chunk_rows: int = 0  # rows per chunk of the backward's recomputed logits (example batch)
+    # head GEMMs of forward-GEMM size beyond stock's three: "exact" recomputes the logits in backward
+    extra_head_gemms: dict[str, int] = field(default_factory=dict)
+    fused_breakeven_rows: int = 0  # rows per step from which "fused" keeps fewer bytes than stock (0: never)
+    fused_keeps: str = ""  # what "fused" keeps, in words (no dW when the head is frozen)
+    chunk_rows: int = 0  # rows per chunk of the recomputed / fused logits (example batch)
+    max_chunk_rows: int = 0  # rows per chunk on a long batch: float32 logits of at most 64 MiB
     # elementwise ops from the head's output to the logits the loss gets (softcapping), from the graph:
     # [(op name, args with "$x" for the running tensor, kwargs)]; [] when the head's output goes as is
     recipe: list = field(default_factory=list)

@@ -129,7 +129,7 @@ class Report:
 
     @property
     def converted_loss_heads(self) -> int:
-        return sum(s.action == "exact" for s in self.plan.loss_heads)
+        return sum(s.action in ("exact", "fused") for s in self.plan.loss_heads)
 
     @property
     def changed(self) -> bool:
@@ -186,22 +186,7 @@ class Report:
                 f"keeps instead of an upcast copy, {sum(s.action == 'skip' for s in plan.adapters)} skipped"
             )
         for h in plan.loss_heads:
-            what = f"{h.module or '<model>'} ({h.loss}, {h.head})"
-            if h.action == "exact":
-                stock = (
-                    f"; stock keeps {h.estimate['stock'] / 2**20:.1f} MiB there on the example batch"
-                    if h.estimate
-                    else ""
-                )
-                chunk = f", chunks of {h.chunk_rows} rows" if h.chunk_rows else ""
-                if h.recipe:  # e.g. softcapping between the head and the loss, replayed for its derivative
-                    chunk = " then " + ", ".join(op.split(".")[1] for op, _a, _k in h.recipe) + chunk
-                lines.append(
-                    f"  loss head: {what} exact, keeps nothing of rows x vocabulary{stock}; backward recomputes the "
-                    f"head's GEMM{chunk} (head FLOPs x 4/3)"
-                )
-            else:
-                lines.append(f"  loss head: {what} {h.reason}")
+            lines.append(_loss_head_line(h))
         if self.bytes_before is not None and self.bytes_after is not None and self.bytes_before:
             saved = 1 - self.bytes_after / self.bytes_before
             lines.append(
@@ -259,3 +244,38 @@ class Report:
         for note in plan.notes + self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+def _loss_head_line(h) -> str:
+    """One line per loss head: the choice, the estimates of stock / exact / fused (bytes kept for
+    backward on the example batch, extra head GEMMs), the chunk rows and where fused pays off."""
+    what = f"{h.module or '<model>'} ({h.loss}, {h.head})"
+    if h.action not in ("exact", "fused"):
+        return f"  loss head: {what} {h.reason}"
+    mib = {k: f"{v / 2**20:.1f} MiB" for k, v in h.estimate.items()}
+    chunk = f"chunks of {h.chunk_rows} rows" if h.chunk_rows else "chunks of rows"
+    if h.max_chunk_rows:
+        chunk += f" (at most {h.max_chunk_rows}: 64 MiB of float32 logits)"
+    recipe = (" then " + ", ".join(op.split(".")[1] for op, _a, _k in h.recipe)) if h.recipe else ""
+    pays = ""
+    if h.fused_breakeven_rows > 1:
+        pays = f"; fused keeps fewer bytes than stock from {h.fused_breakeven_rows} rows per step"
+    elif h.fused_breakeven_rows == 1:
+        pays = "; fused keeps fewer bytes than stock at any batch"
+    if h.action == "exact":
+        stock = f"; stock keeps {mib['stock']} there on the example batch" if h.estimate else ""
+        fused = f"; loss_head='fused' would keep {mib['fused']} ({h.fused_keeps}), no extra GEMM" if h.estimate else ""
+        return (
+            f"  loss head: {what} exact, keeps nothing of rows x vocabulary{stock}; backward recomputes the "
+            f"head's GEMM{recipe}, {chunk} (head FLOPs x 4/3){fused}{pays}"
+        )
+    kept = (
+        f"; keeps {mib['fused']} for backward on the example batch ({h.fused_keeps}; exact 0 MiB with +1 head "
+        f"GEMM, stock {mib['stock']})"
+        if h.estimate
+        else f"; keeps {h.fused_keeps} for backward (exact: nothing, +1 head GEMM)"
+    )
+    return (
+        f"  loss head: {what} fused (asked): no logits while training (FusedLogits, raises on use); loss and "
+        f"gradients in one pass over the head's GEMM{recipe}, {chunk}, head GEMMs as stock{kept}{pays}"
+    )

@@ -1,4 +1,4 @@
-"""The per-family table, the loss-head bench and the peak meter, at toy sizes, so that none can rot."""
+"""The per-family table, the loss-head benches and the peak meter, at toy sizes, so that none can rot."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 import families  # noqa: E402
+import head_kernels  # noqa: E402
 import loss_head  # noqa: E402
 from peak_meter import peak_bytes  # noqa: E402
 
@@ -49,3 +50,19 @@ def test_loss_head_bench_saved_bytes_only() -> None:
     rows = result["rows"]
     assert rows["exact_head"]["saved_full"] < rows["today"]["saved_full"] < rows["stock"]["saved_full"]
     assert rows["exact_head"]["peak_2"] is None and "- | -" in loss_head.markdown([result])
+
+
+def test_head_kernels_bench_variants_agree_with_stock_and_keep_less() -> None:
+    """Every variant of bench/head_kernels.py computes stock's loss and gradients (float32 here); the
+    fused ones peak lower than stock, which holds the float32 logits and their gradient."""
+    shape = head_kernels.TINY["tiny"]
+    variants = {"stock": head_kernels._stock, "exact": head_kernels._exact, "fused": head_kernels._fused,
+                "rows": head_kernels._rows}  # fmt: skip
+    results = {
+        name: head_kernels.measure(name, fn, shape, "cpu", torch.float32, reps=1) for name, fn in variants.items()
+    }
+    stock = results["stock"]
+    for name, r in results.items():
+        for key in ("loss", "dw", "dh"):
+            assert head_kernels._rel(r[key], stock[key]) < 1e-5, (name, key)
+    assert results["fused"]["peak"] < 0.5 * stock["peak"] and results["rows"]["peak"] < 0.5 * stock["peak"]

@@ -14,6 +14,15 @@ vocabularies. Two small pieces replace that, leaving every parameter, output and
   given anything else (logits that were changed after the head, no autograd, ``torch.compile``,
   ``torch.func``), it calls the stock loss function. ``logits`` stay a stock, differentiable tensor:
   a user's own use of them goes through the head's own backward as before.
+
+The fused head (``loss_head="fused"``, opt-in): while autograd records in training mode (outside
+``torch.compile`` and ``torch.func``, no hooks on the head) the head computes no logits and returns a
+:class:`~lowmembp_convert.nn.fused_logits.FusedLogits` placeholder (no values; every use other than
+the model's loss, and the planned elementwise ops before it, raises); the loss computes the loss and
+its gradients chunk by chunk with
+:func:`lowmembp_convert.ops.fused_linear_cross_entropy.fused_linear_cross_entropy`, which keeps the
+float32 dh and dW for backward. In eval mode, under ``torch.no_grad()``, ``torch.compile`` or
+``torch.func`` the head returns real logits and the exact (or stock) path runs.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.fused_linear_cross_entropy import fused_linear_cross_entropy, linear_dtype
 from ..ops.linear_cross_entropy import linear_cross_entropy
+from .fused_logits import FusedLogits, FusedSource
 from .handoff import Mailbox
 
 __all__ = ["ExactHeadLoss", "LossHeadLinear"]
@@ -41,6 +52,12 @@ class LossHeadLinear(nn.Linear):
     lowmembp_converted = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fused = getattr(self, "_lowmembp_fused", None)  # the planned recipe when loss_head="fused"
+        if fused is not None and self._fuses(input):
+            box = getattr(self, "_lowmembp_mailbox", None)
+            if box is not None:
+                box.pending = None
+            return self._placeholder(input, fused)
         out = super().forward(input)
         box = getattr(self, "_lowmembp_mailbox", None)
         if box is not None:
@@ -51,7 +68,30 @@ class LossHeadLinear(nn.Linear):
                 box.pending = (weakref.ref(out), weakref.ref(input), out._version)
         return out
 
+    def _fuses(self, input: torch.Tensor) -> bool:
+        """Fused only while autograd records a training step, on a head nobody hooks, with the dtypes
+        the stock GEMM accepts (otherwise the stock call raises its own error)."""
+        from ..observers import hooked
+
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        if not self.training or _stock_context() or not (input.requires_grad or any(p.requires_grad for p in params)):
+            return False
+        device = input.device.type
+        if not torch.is_autocast_enabled(device) and any(p.dtype != input.dtype for p in params):
+            return False
+        return not hooked(self)
+
+    def _placeholder(self, input: torch.Tensor, recipe: list) -> FusedLogits:
+        device = input.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        dtype = linear_dtype(input, autocast[1], autocast[2])
+        name = getattr(self, "_lowmembp_name", "") or "lm_head"
+        source = FusedSource(name, input, self.weight, self.bias, recipe, autocast)
+        return FusedLogits((*input.shape[:-1], self.out_features), dtype, input.device, source)
+
     def extra_repr(self) -> str:
+        if getattr(self, "_lowmembp_fused", None) is not None:
+            return super().extra_repr() + ", fused with the loss: returns placeholder logits while training"
         return super().extra_repr() + ", hands its input to the exact loss head"
 
     def __reduce_ex__(self, protocol):
@@ -80,23 +120,26 @@ class ExactHeadLoss:
     Picklable and deep-copyable with the model (the head is held by a weak reference; the mailbox
     travels with the head)."""
 
-    def __init__(self, stock, head: LossHeadLinear, shift: bool, recipe: list | None = None) -> None:
+    def __init__(
+        self, stock, head: LossHeadLinear, shift: bool, recipe: list | None = None, fused: bool = False
+    ) -> None:
         self.stock = stock
         self.shift = shift
         self.recipe = Recipe(recipe or [])
         self.chunk: int | None = None  # rows per chunk; None: from the shapes
+        self.fused = fused  # the head returns FusedLogits while training (loss_head="fused")
         self._head = weakref.ref(head)
-        self.calls = {"exact": 0, "stock": 0}
+        self.calls = {"exact": 0, "stock": 0, "fused": 0} if fused else {"exact": 0, "stock": 0}
 
     def __reduce__(self):
-        return (ExactHeadLoss, (self.stock, self._head(), self.shift, self.recipe.steps))
+        return (ExactHeadLoss, (self.stock, self._head(), self.shift, self.recipe.steps, self.fused))
 
     def __deepcopy__(self, memo):
         import copy
 
         head = self._head()
         head = copy.deepcopy(head, memo) if head is not None else None
-        return ExactHeadLoss(self.stock, head, self.shift, self.recipe.steps)
+        return ExactHeadLoss(self.stock, head, self.shift, self.recipe.steps, self.fused)
 
     def _handed(self, logits: torch.Tensor):
         head = self._head()
@@ -142,6 +185,8 @@ class ExactHeadLoss:
         shift_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if isinstance(logits, FusedLogits):
+            return self._fused_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels)
         handed = self._handed(logits)
         if handed is None or logits.shape[-1] != vocab_size:
             self.calls["stock"] += 1
@@ -151,6 +196,15 @@ class ExactHeadLoss:
                 **extra, **kwargs,
             )  # fmt: skip
         head, h = handed
+        target, divisor = self._target(logits, labels, num_items_in_batch, ignore_index, shift_labels)
+        self.calls["exact"] += 1
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), head.weight, head.bias, logits.reshape(-1, vocab_size), target,
+            ignore_index, divisor, self.chunk, self.recipe if self.recipe.steps else None,
+        )  # fmt: skip
+
+    def _target(self, logits, labels, num_items_in_batch, ignore_index, shift_labels):
+        """The target per row and the divisor (None: the mean over the rows that count), as the stock loss."""
         if self.shift and shift_labels is None:  # as ForCausalLMLoss: tokens < n predict n
             labels = F.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:].contiguous()
@@ -158,10 +212,25 @@ class ExactHeadLoss:
         divisor = None
         if num_items_in_batch is not None:
             divisor = torch.as_tensor(num_items_in_batch, device=logits.device)
-        self.calls["exact"] += 1
-        return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), head.weight, head.bias, logits.reshape(-1, vocab_size), target,
-            ignore_index, divisor, self.chunk, self.recipe if self.recipe.steps else None,
+        return target, divisor
+
+    def _fused_loss(self, logits: FusedLogits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels):
+        """The loss of a fused head's placeholder: computed from the head's input, chunk by chunk,
+        with its gradients (kept: float32 dh and dW). There is no stock path to fall back on."""
+        why = logits.ready_for_loss()
+        if not why and logits.shape[-1] != vocab_size:
+            why = f"the head has {logits.shape[-1]} outputs but the loss was given vocab_size={vocab_size}"
+        if why:
+            raise logits.misuse("the model's loss", f" It cannot take them here: {why}.")
+        source = logits._source
+        h = source.h
+        target, divisor = self._target(logits, labels, num_items_in_batch, ignore_index, shift_labels)
+        source.consumed, source.h = True, None  # the placeholder holds nothing once the loss has run
+        self.calls["fused"] = self.calls.get("fused", 0) + 1
+        recipe = Recipe(source.recipe) if source.recipe else None
+        return fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), source.weight, source.bias, target, ignore_index, divisor, self.chunk,
+            recipe, source.autocast,
         )  # fmt: skip
 
 
@@ -184,10 +253,22 @@ def _resolve(name: str):
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
 
-def install(model: nn.Module, head: nn.Linear, stock, shift: bool, recipe: list | None = None) -> ExactHeadLoss:
-    """Swap ``head``'s class, give it a mailbox and set the model's ``loss_function``."""
+def install(
+    model: nn.Module,
+    head: nn.Linear,
+    stock,
+    shift: bool,
+    recipe: list | None = None,
+    fused: bool = False,
+    name: str = "",
+) -> ExactHeadLoss:
+    """Swap ``head``'s class, give it a mailbox and set the model's ``loss_function``; ``fused``: the
+    head returns FusedLogits while training (``name`` is its name in messages)."""
     _swap(head, type(head))
     head._lowmembp_mailbox = Mailbox()
-    loss = ExactHeadLoss(stock, head, shift, recipe)
+    if fused:
+        head._lowmembp_fused = [(op, list(args), dict(kwargs)) for op, args, kwargs in recipe or []]
+        head._lowmembp_name = name
+    loss = ExactHeadLoss(stock, head, shift, recipe, fused)
     model.loss_function = loss
     return loss

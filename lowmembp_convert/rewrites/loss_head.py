@@ -3,11 +3,19 @@
 Sites: every module with a transformers ``loss_function`` that is the library's ``ForCausalLM`` or
 ``ForMaskedLM`` loss and an output embedding (``get_output_embeddings()``) that is a plain
 ``nn.Linear`` (tied to the input embedding or not). The captured graph (when there is one) shows
-whether the model returns the head's output itself as its logits: Gemma 2/3's
-``final_logit_softcapping`` and the like transform the logits between the head and the loss, and
-such a site is left stock. Promise: exact forward (the loss up to the order of a float32 sum, the
-logits untouched), exact backward (the stock formula), no reparameterization. What it keeps: nothing
-of size rows x vocabulary; the price, one extra head GEMM in backward, is reported with the bytes.
+what the model does to the head's output before returning it as its logits: nothing, or a chain of
+elementwise ops with constant operands (Gemma 2/3's ``final_logit_softcapping``: div, tanh, mul),
+which becomes the site's recipe; anything else leaves the site stock.
+
+Options per site, with what each keeps for backward and its head GEMMs (stock: three):
+- stock: the float32 log-probabilities, rows x vocabulary;
+- exact (the default): nothing of rows x vocabulary; backward recomputes the logits in chunks of
+  rows (one more head GEMM). Exact forward (the loss up to the order of a float32 sum, the logits
+  untouched), exact backward, no reparameterization;
+- fused (only when asked, ``loss_head="fused"``; needs the graph, to know the recipe): the float32
+  dh (rows x hidden) and dW (vocab x hidden when the head is trainable), no extra GEMM, and no logits
+  while training (a placeholder that raises on use). Fewer bytes than stock from about ``hidden``
+  rows per step; the report gives the estimates of all three and that break-even.
 """
 
 from __future__ import annotations
@@ -119,15 +127,18 @@ def _head_to_logits(graph: fx.Graph, weight_placeholder: str) -> tuple[list | No
     return recipe, ""
 
 
-def plan_loss_heads(model: nn.Module, plan: Plan, capture: Capture | None, example_rows: int | None) -> None:
-    """Check each exact site against the graph and fill in the estimate."""
+def plan_loss_heads(
+    model: nn.Module, plan: Plan, capture: Capture | None, example_rows: int | None, mode: str = "exact"
+) -> None:
+    """Check each site against the graph, fill in the estimates and choose: exact, or fused when
+    ``mode`` is "fused" and the graph shows what lies between the head and the loss."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     placeholder_of = {v: k for k, v in (capture.param_of_placeholder.items() if capture else ())}
     for site in plan.loss_heads:
         if site.action != "exact":
             continue
         head = model.get_submodule(site.head)
-        vocab = head.out_features
+        proven = False  # the graph shows the path from the head to the returned logits
         if capture is not None:
             weight_name = names.get(id(head.weight))
             placeholder = placeholder_of.get(weight_name)
@@ -136,21 +147,54 @@ def plan_loss_heads(model: nn.Module, plan: Plan, capture: Capture | None, examp
                 site.action = "skip"
                 site.reason = f"left stock: {why}, so the loss does not receive a function of the head's output alone"
                 continue
-            site.recipe = recipe
-        if example_rows:
-            site.estimate = {"stock": 4 * example_rows * vocab, "exact": 0}
-        site.chunk_rows = chunk_rows_for(example_rows or 0, vocab) if example_rows else 0
+            site.recipe, proven = recipe, placeholder is not None
+        _estimate(site, head, example_rows)
         between = " then " + ", ".join(op.split(".")[1] for op, _a, _k in site.recipe) if site.recipe else ""
+        if mode == "fused" and proven:
+            site.action = "fused"
+            site.reason = (
+                "fused (asked): while training, no logits (a placeholder that raises on use); the loss computes "
+                f"{site.head}'s GEMM{between} and its gradients chunk by chunk in one pass, keeping {site.fused_keeps} "
+                "for backward; head GEMMs as stock"
+            )
+            continue
+        asked = (
+            "fused was asked, but without the head in a captured graph the ops between the head and the loss are "
+            "unknown: exact instead; "
+            if mode == "fused"
+            else ""
+        )
         site.reason = (
-            "exact: keeps nothing of rows x vocabulary (stock keeps the float32 log-probabilities, 4 bytes per row "
-            f"and vocabulary entry); backward recomputes {site.head}'s GEMM{between} in chunks of rows (one more "
+            f"exact: {asked}keeps nothing of rows x vocabulary (stock keeps the float32 log-probabilities, 4 bytes per "
+            f"row and vocabulary entry); backward recomputes {site.head}'s GEMM{between} in chunks of rows (one more "
             "head GEMM: head FLOPs x 4/3)"
         )
 
 
+def _estimate(site: LossHeadSite, head: nn.Linear, example_rows: int | None) -> None:
+    """Bytes each option keeps for backward (example batch), extra head GEMMs, chunk rows and the rows
+    per step from which the fused head keeps fewer bytes than stock."""
+    vocab, hidden = head.out_features, head.in_features
+    trainable = head.weight.requires_grad
+    bias = head.bias is not None and head.bias.requires_grad
+    fixed = 4 * vocab * hidden * trainable + 4 * vocab * bias
+    site.extra_head_gemms = {"stock": 0, "exact": 1, "fused": 0}
+    keeps = ["dh [rows, hidden]"] + ["dW [vocab, hidden]"] * trainable + ["db [vocab]"] * bias
+    site.fused_keeps = "float32 " + ", ".join(keeps) + ("" if trainable else " (frozen head: no dW)")
+    # stock keeps 4 * rows * vocab, fused 4 * rows * hidden + fixed: fused is smaller above this many rows
+    site.fused_breakeven_rows = fixed // (4 * (vocab - hidden)) + 1 if vocab > hidden else 0
+    site.max_chunk_rows = chunk_rows_for(1 << 40, vocab)
+    if example_rows:
+        site.estimate = {"stock": 4 * example_rows * vocab, "exact": 0, "fused": 4 * example_rows * hidden + fixed}
+        site.chunk_rows = chunk_rows_for(example_rows, vocab)
+
+
 def apply_loss_heads(model: nn.Module, plan: Plan) -> None:
     for site in plan.loss_heads:
-        if site.action != "exact":
+        if site.action not in ("exact", "fused"):
             continue
         owner = model.get_submodule(site.module)
-        install(owner, model.get_submodule(site.head), owner.loss_function, site.loss == "ForCausalLM", site.recipe)
+        install(
+            owner, model.get_submodule(site.head), owner.loss_function, site.loss == "ForCausalLM", site.recipe,
+            fused=site.action == "fused", name=site.head,
+        )  # fmt: skip

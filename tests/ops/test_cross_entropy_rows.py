@@ -142,3 +142,32 @@ def test_launch_settings_cover_any_vocabulary_in_bounded_blocks() -> None:
     for vocab in (32_000, 128_256, 151_936, 256_000, 262_144):
         s = launch_settings(vocab)
         assert s.block_v == MAX_BLOCK_V and s.num_warps == 8
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_through_the_row_kernel_matches_stock(dtype: torch.dtype) -> None:
+    """The fused loss head takes the row kernel on its Triton path (forced here): loss and gradients as
+    stock's cross-entropy of the head's logits, within the kernel's rounding (bf16: the GEMMs' own)."""
+    from lowmembp_convert.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    h0 = torch.randn(40, 16, generator=gen).to(DEVICE, dtype)
+    w0 = (torch.randn(300, 16, generator=gen) / 4).to(DEVICE, dtype)
+    target = torch.randint(0, 300, (40,), generator=gen).to(DEVICE)
+    target[::5] = IGNORE
+    results = []
+    for forced in (None, True):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        if forced is None:
+            loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), target)
+        else:
+            with force_triton(True):
+                loss = fused_linear_cross_entropy(h, w, None, target, chunk=16)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss_s, dh_s, dw_s), (loss_f, dh_f, dw_f) = results
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh_f, dh_s, rtol=tol, atol=tol * float(dh_s.abs().max()))
+    torch.testing.assert_close(dw_f, dw_s, rtol=tol, atol=tol * float(dw_s.abs().max()))
