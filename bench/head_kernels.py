@@ -17,6 +17,7 @@ and the loss and the weight gradient against stock (max relative difference).
 
     python bench/head_kernels.py --device cuda --markdown        # what bench/gpu.sh runs
     python bench/head_kernels.py --device cpu --tiny             # a check of the script on a CPU
+    python bench/head_kernels.py --device cpu --shape 2048,1024,32000 --reps 1   # float32 on a CPU
 """
 
 from __future__ import annotations
@@ -146,9 +147,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="shape names (default: all)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="one small shape (a CPU check of the script)")
+    parser.add_argument("--shape", help="ROWS,HIDDEN,VOCAB: this shape only")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     shapes = TINY if args.tiny else {k: v for k, v in SHAPES.items() if not args.only or k in args.only}
+    if args.shape:
+        rows, hidden, vocab = (int(v) for v in args.shape.split(","))
+        shapes = {"custom": (rows, hidden, vocab)}
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     variants = {"stock": _stock, "exact": _exact, "fused": _fused, "rows": _rows}
     liger = _liger()

@@ -167,3 +167,10 @@ def loss_head_mode(config: ConvertConfig) -> str | None:
     if config.loss_head is False:
         return None
     return "exact" if config.loss_head is True else config.loss_head
+
+
+def activation_mode(config: ConvertConfig) -> str | None:
+    """ "auto", "approx", "recompute", or None (activations left alone). ``True`` means "auto"."""
+    if config.activations is False:
+        return None
+    return "auto" if config.activations is True else config.activations

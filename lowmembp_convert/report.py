@@ -133,9 +133,9 @@ class Report:
 
     @property
     def changed(self) -> bool:
-        return bool(
-            self.converted_norms or self.converted_activations or self.converted_adapters or self.converted_loss_heads
-        )
+        from .rewrites.registry import STAGES
+
+        return any(stage.converted(self.plan) for stage in STAGES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,9 +146,10 @@ class Report:
     def __str__(self) -> str:
         if self.checkpoint is not None:  # the plan's notes are in to_json()
             return "\n".join(self.checkpoint.lines(self.model))
+        from .rewrites.registry import STAGES
+
         plan = self.plan
         actions = Counter(s.action for s in plan.norms)
-        kinds = Counter(f"{s.kind} {s.option}" for s in plan.activations if s.action == "convert")
         lines = []
         if self.previous is not None:
             lines += [str(self.previous), ""]
@@ -162,15 +163,6 @@ class Report:
             )
         else:
             lines.append(f"  graph capture: {plan.capture or 'n/a'}")
-        lines.append(
-            f"  activations: {self.converted_activations} converted"
-            + (f" ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))})" if kinds else "")
-            + f", {sum(s.action == 'skip' for s in plan.activations)} skipped"
-        )
-        lines.append(
-            f"  norms: {actions['fold']} folded, {actions['keep_affine']} memory-sharing with own affine, "
-            f"{actions['skip']} skipped"
-        )
         approx = [s.module for s in plan.activations if s.action == "convert" and s.option == "approx"]
         folded = actions["fold"] - sum(s.already_folded for s in plan.norms if s.action == "fold")
         lines.append(
@@ -180,13 +172,8 @@ class Report:
             + (f"; parameters: {folded} norm affine(s) folded into consumers (norms='fold' reparameterizes)" if folded
                else "; parameters: the stock ones")
         )  # fmt: skip
-        if plan.adapters:
-            lines.append(
-                f"  PEFT adapter inputs: {self.converted_adapters} layer(s) hand lora_A the narrow input, which it "
-                f"keeps instead of an upcast copy, {sum(s.action == 'skip' for s in plan.adapters)} skipped"
-            )
-        for h in plan.loss_heads:
-            lines.append(_loss_head_line(h))
+        for stage in STAGES:
+            lines += stage.summary(plan)
         if self.bytes_before is not None and self.bytes_after is not None and self.bytes_before:
             saved = 1 - self.bytes_after / self.bytes_before
             lines.append(
@@ -244,38 +231,3 @@ class Report:
         for note in plan.notes + self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
-
-
-def _loss_head_line(h) -> str:
-    """One line per loss head: the choice, the estimates of stock / exact / fused (bytes kept for
-    backward on the example batch, extra head GEMMs), the chunk rows and where fused pays off."""
-    what = f"{h.module or '<model>'} ({h.loss}, {h.head})"
-    if h.action not in ("exact", "fused"):
-        return f"  loss head: {what} {h.reason}"
-    mib = {k: f"{v / 2**20:.1f} MiB" for k, v in h.estimate.items()}
-    chunk = f"chunks of {h.chunk_rows} rows" if h.chunk_rows else "chunks of rows"
-    if h.max_chunk_rows:
-        chunk += f" (at most {h.max_chunk_rows}: 64 MiB of float32 logits)"
-    recipe = (" then " + ", ".join(op.split(".")[1] for op, _a, _k in h.recipe)) if h.recipe else ""
-    pays = ""
-    if h.fused_breakeven_rows > 1:
-        pays = f"; fused keeps fewer bytes than stock from {h.fused_breakeven_rows} rows per step"
-    elif h.fused_breakeven_rows == 1:
-        pays = "; fused keeps fewer bytes than stock at any batch"
-    if h.action == "exact":
-        stock = f"; stock keeps {mib['stock']} there on the example batch" if h.estimate else ""
-        fused = f"; loss_head='fused' would keep {mib['fused']} ({h.fused_keeps}), no extra GEMM" if h.estimate else ""
-        return (
-            f"  loss head: {what} exact, keeps nothing of rows x vocabulary{stock}; backward recomputes the "
-            f"head's GEMM{recipe}, {chunk} (head FLOPs x 4/3){fused}{pays}"
-        )
-    kept = (
-        f"; keeps {mib['fused']} for backward on the example batch ({h.fused_keeps}; exact 0 MiB with +1 head "
-        f"GEMM, stock {mib['stock']})"
-        if h.estimate
-        else f"; keeps {h.fused_keeps} for backward (exact: nothing, +1 head GEMM)"
-    )
-    return (
-        f"  loss head: {what} fused (asked): no logits while training (FusedLogits, raises on use); loss and "
-        f"gradients in one pass over the head's GEMM{recipe}, {chunk}, head GEMMs as stock{kept}{pays}"
-    )

@@ -31,6 +31,7 @@ from ..nn.linear import UpcastInputLinear
 from ..observers import hooked
 from ..ops.recompute import exact_upcast
 from ..plan import AdapterSite, Plan
+from .pipeline import ApplyOptions, Context, Stage
 
 aten = torch.ops.aten
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
@@ -308,3 +309,47 @@ def lora_runtime_modules(layer: nn.Module, p_dtype: torch.dtype, any_base: bool 
             return None
         modules += [lora_a, dropout]
     return modules
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage (rewrites.pipeline)
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_stage(ctx: Context) -> bool:
+    ctx.found["adapter_inputs"] = bool(ctx.config.adapter_inputs and find_adapter_layers(ctx.model))
+    return ctx.found["adapter_inputs"]
+
+
+def _plan_stage(ctx: Context) -> None:
+    if not ctx.found.get("adapter_inputs"):
+        return
+    if ctx.capture is None:
+        ctx.plan.notes.append("PEFT adapter inputs left as they are: the graph that proves the rewrite is missing")
+        return
+    plan_adapter_inputs(ctx.model, ctx.plan, ctx.capture, ctx.config)
+
+
+def _apply_stage(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    apply_adapter_inputs(model, plan)
+    return []
+
+
+def _summary(plan: Plan) -> list[str]:
+    if not plan.adapters:
+        return []
+    shared = sum(s.action == "share" for s in plan.adapters)
+    return [
+        f"  PEFT adapter inputs: {shared} layer(s) hand lora_A the narrow input, which it "
+        f"keeps instead of an upcast copy, {sum(s.action == 'skip' for s in plan.adapters)} skipped"
+    ]
+
+
+STAGE = Stage(
+    name="adapter_inputs",
+    find=_find_stage,
+    plan=_plan_stage,
+    apply=_apply_stage,
+    summary=_summary,
+    converted=lambda plan: sum(s.action == "share" for s in plan.adapters),
+)

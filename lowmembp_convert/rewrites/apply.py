@@ -16,10 +16,9 @@ from ..nn.handoff import HandoffActivation, HandoffLinear, link
 from ..nn.linear import TwinLinear
 from ..nn.norms import FoldedNormsGuard, FoldWatch, MSLayerNorm, MSRMSNorm
 from ..plan import ActivationSite, NormSite, Plan
-from .adapter_inputs import apply_adapter_inputs
 from .folding import fold_affine_into
-from .loss_head import apply_loss_heads
 from .norms import module_hooks
+from .pipeline import ApplyOptions
 from .planner import recompute_kind
 from .recompute import rewrite_container
 
@@ -199,7 +198,19 @@ def _handoff(model: nn.Module, site: ActivationSite) -> None:
 def apply_plan(
     model: nn.Module, plan: Plan, *, untie_embeddings: bool = False, min_abs_weight: float = 1e-3
 ) -> list[str]:
-    """Carry out ``plan`` on ``model`` in place; returns notes for the report."""
+    """Carry out ``plan`` on ``model`` in place, stage by stage (``registry.STAGES``); returns notes."""
+    from .registry import STAGES
+
+    options = ApplyOptions(untie_embeddings=untie_embeddings, min_abs_weight=min_abs_weight)
+    notes: list[str] = []
+    for stage in STAGES:
+        notes += stage.apply(model, plan, options)
+    return notes
+
+
+def apply_norms(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    """The norm stage: folds (on request), memory-sharing norms, TwinLinear consumers, fold guards."""
+    untie_embeddings, min_abs_weight = options.untie_embeddings, options.min_abs_weight
     notes: list[str] = []
     lora = sorted({c.module for s in plan.norms if s.action == "fold" for c in s.consumers if ".lora_A." in c.module})
     if lora:
@@ -226,6 +237,11 @@ def apply_plan(
             "norms='fold': a load_state_dict pre-hook (FoldedNormsGuard) checks every folded norm's incoming "
             "weights before anything is copied, so a stock state dict is refused whole"
         )
+    return notes
+
+
+def apply_activations(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    """The activation stage: 2-bit modules, hand-offs and rewritten containers (exact recompute)."""
     containers: dict[str, list] = {}
     for site in plan.activations:
         if site.action != "convert":
@@ -240,6 +256,4 @@ def apply_plan(
         replace_module(model, old, _activation_for(site, old))
     for container, sites in containers.items():
         rewrite_container(model.get_submodule(container), sites)
-    apply_adapter_inputs(model, plan)
-    apply_loss_heads(model, plan)
-    return notes
+    return []

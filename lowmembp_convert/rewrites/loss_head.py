@@ -25,9 +25,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import Capture
+from ..config import ConvertConfig, loss_head_mode
 from ..nn.loss_head import ExactHeadLoss, install
 from ..ops.linear_cross_entropy import chunk_rows_for
 from ..plan import LossHeadSite, Plan
+from .pipeline import ApplyOptions, Context, Stage
 
 _VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.alias.default}
 
@@ -198,3 +200,84 @@ def apply_loss_heads(model: nn.Module, plan: Plan) -> None:
             owner, model.get_submodule(site.head), owner.loss_function, site.loss == "ForCausalLM", site.recipe,
             fused=site.action == "fused", name=site.head,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage (rewrites.pipeline)
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_stage(ctx: Context) -> bool:
+    ctx.found["loss_head"] = bool(ctx.config.loss_head and find_loss_heads(ctx.model, ctx.plan))
+    return ctx.found["loss_head"]
+
+
+def _plan_stage(ctx: Context) -> None:
+    if not ctx.found.get("loss_head"):
+        return
+    # without a graph the loss is still checked at run time: the exact path is taken only given the
+    # head's own output
+    rows = _rows(ctx.config, ctx.model) if ctx.capture is not None else None
+    plan_loss_heads(ctx.model, ctx.plan, ctx.capture, rows, loss_head_mode(ctx.config))
+
+
+def _apply_stage(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    apply_loss_heads(model, plan)
+    return []
+
+
+def _rows(config: ConvertConfig, model: nn.Module) -> int | None:
+    """Token rows of the example batch (batch x sequence of its ids), for the loss head's estimate."""
+    from ..capture import example_inputs_for
+
+    try:
+        args, kwargs = config.example_inputs or example_inputs_for(model, flags=False)
+    except Exception:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return int(ids.numel()) if hasattr(ids, "numel") and ids.dim() == 2 else None
+
+
+def _loss_head_line(h) -> str:
+    """One line per loss head: the choice, the estimates of stock / exact / fused (bytes kept for
+    backward on the example batch, extra head GEMMs), the chunk rows and where fused pays off."""
+    what = f"{h.module or '<model>'} ({h.loss}, {h.head})"
+    if h.action not in ("exact", "fused"):
+        return f"  loss head: {what} {h.reason}"
+    mib = {k: f"{v / 2**20:.1f} MiB" for k, v in h.estimate.items()}
+    chunk = f"chunks of {h.chunk_rows} rows" if h.chunk_rows else "chunks of rows"
+    if h.max_chunk_rows:
+        chunk += f" (at most {h.max_chunk_rows}: 64 MiB of float32 logits)"
+    recipe = (" then " + ", ".join(op.split(".")[1] for op, _a, _k in h.recipe)) if h.recipe else ""
+    pays = ""
+    if h.fused_breakeven_rows > 1:
+        pays = f"; fused keeps fewer bytes than stock from {h.fused_breakeven_rows} rows per step"
+    elif h.fused_breakeven_rows == 1:
+        pays = "; fused keeps fewer bytes than stock at any batch"
+    if h.action == "exact":
+        stock = f"; stock keeps {mib['stock']} there on the example batch" if h.estimate else ""
+        fused = f"; loss_head='fused' would keep {mib['fused']} ({h.fused_keeps}), no extra GEMM" if h.estimate else ""
+        return (
+            f"  loss head: {what} exact, keeps nothing of rows x vocabulary{stock}; backward recomputes the "
+            f"head's GEMM{recipe}, {chunk} (head FLOPs x 4/3){fused}{pays}"
+        )
+    kept = (
+        f"; keeps {mib['fused']} for backward on the example batch ({h.fused_keeps}; exact 0 MiB with +1 head "
+        f"GEMM, stock {mib['stock']})"
+        if h.estimate
+        else f"; keeps {h.fused_keeps} for backward (exact: nothing, +1 head GEMM)"
+    )
+    return (
+        f"  loss head: {what} fused (asked): no logits while training (FusedLogits, raises on use); loss and "
+        f"gradients in one pass over the head's GEMM{recipe}, {chunk}, head GEMMs as stock{kept}{pays}"
+    )
+
+
+STAGE = Stage(
+    name="loss_head",
+    find=_find_stage,
+    plan=_plan_stage,
+    apply=_apply_stage,
+    summary=lambda plan: [_loss_head_line(h) for h in plan.loss_heads],
+    converted=lambda plan: sum(s.action in ("exact", "fused") for s in plan.loss_heads),
+)

@@ -17,12 +17,13 @@ parameter values (state_dict keys kept, identity buffers), the default changes n
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import naming
 from ..capture import Capture
 from ..config import ConvertConfig, norm_mode
 from ..detect import Detector, NormSpec, is_converted, takes_one_tensor
@@ -31,6 +32,7 @@ from ..graph_walk import WalkResult, walk_from
 from ..naming import param_names
 from ..plan import Consumer, NormSite, Plan
 from ..transaction import HOOK_DICTS
+from .pipeline import ApplyOptions, Context, Stage
 
 
 def selected(config: ConvertConfig, module: nn.Module, fqn: str) -> bool:
@@ -360,3 +362,61 @@ def find_norms(
             continue
         plan.norms.append(site)
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage (rewrites.pipeline): memory-sharing norms, folded on request
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_stage(ctx: Context) -> bool:
+    ctx.found["norms"] = find_norms(ctx.model, ctx.config, ctx.plan, ctx.detector) if ctx.config.norms else []
+    return bool(ctx.found["norms"])
+
+
+def _plan_stage(ctx: Context) -> None:
+    norms = ctx.found.get("norms") or []
+    if ctx.capture is None:
+        for fqn, _module, spec in norms:
+            ctx.plan.norms.append(
+                NormSite(module=fqn, kind=spec.kind, eps=spec.eps, weight=None, bias=None,
+                         reason="graph capture failed, so its consumers are unknown; left unconverted")
+            )  # fmt: skip
+        return
+    analyzer = NormAnalyzer(ctx.model, ctx.config, ctx.capture)
+    ctx.shared["state_placeholders"] = analyzer.state_placeholders
+    module_names = ctx.shared.setdefault("module_names", naming.module_names(ctx.model))
+    claimed: dict[str, str] = {}
+    for fqn, module, spec in norms:
+        site = analyzer.norm_site(fqn, module, spec, set(module_names[id(module)]))
+        if site.action != "skip":
+            clash = [c.module for c in site.consumers if c.module in claimed]
+            if clash:
+                site.action, site.reason = "skip", f"{clash[0]} already consumes {claimed[clash[0]]}"
+            else:
+                claimed.update({c.module: fqn for c in site.consumers})
+        ctx.plan.norms.append(site)
+
+
+def _apply_stage(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    from .apply import apply_norms  # apply imports this module
+
+    return apply_norms(model, plan, options)
+
+
+def _summary(plan: Plan) -> list[str]:
+    actions = Counter(s.action for s in plan.norms)
+    return [
+        f"  norms: {actions['fold']} folded, {actions['keep_affine']} memory-sharing with own affine, "
+        f"{actions['skip']} skipped"
+    ]
+
+
+STAGE = Stage(
+    name="norms",
+    find=_find_stage,
+    plan=_plan_stage,
+    apply=_apply_stage,
+    summary=_summary,
+    converted=lambda plan: sum(s.action != "skip" for s in plan.norms),
+)

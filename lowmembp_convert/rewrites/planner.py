@@ -10,12 +10,18 @@ its reason. ``"recompute"`` is the same without the estimates deciding against r
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import naming
 from ..capture import Capture
+from ..config import activation_mode
 from ..ops.recompute_module import BY_MODULE
 from ..plan import Plan
+from .activations import find_activations, report_functional_activations
+from .pipeline import ApplyOptions, Context, Stage
 from .recompute import OPTIONS, RecomputeSite, check_container, estimate_site, grad_nodes
 
 
@@ -137,3 +143,64 @@ def plan_activations_without_graph(plan: Plan) -> None:
             "left stock (exact): graph capture failed, so recompute cannot be proven; pass example_inputs to "
             "convert(), or activations='approx' for the 2-bit approximate gradient"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage (rewrites.pipeline): activations, 2-bit or recomputed exactly
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_stage(ctx: Context) -> bool:
+    mode = activation_mode(ctx.config)
+    ctx.found["activations"] = mode
+    if not mode:
+        return False
+    find_activations(ctx.model, ctx.config, ctx.plan, ctx.detector)
+    # the 2-bit swap needs no graph; choosing the exact recompute does
+    return mode in ("auto", "recompute") and any(s.action == "convert" for s in ctx.plan.activations)
+
+
+def _plan_stage(ctx: Context) -> None:
+    mode = ctx.found.get("activations")
+    if not mode:
+        return
+    planning = mode in ("auto", "recompute") and any(s.action == "convert" for s in ctx.plan.activations)
+    if ctx.capture is None:
+        if planning:
+            plan_activations_without_graph(ctx.plan)
+        return
+    if planning:
+        placeholders = ctx.shared.get("state_placeholders")
+        if placeholders is None:
+            from .norms import NormAnalyzer
+
+            placeholders = NormAnalyzer(ctx.model, ctx.config, ctx.capture).state_placeholders
+        names = ctx.shared.setdefault("module_names", naming.module_names(ctx.model))
+        plan_activations(ctx.model, ctx.plan, ctx.capture, placeholders, names, mode)
+    report_functional_activations(ctx.capture, ctx.model, ctx.plan)
+
+
+def _apply_stage(model: nn.Module, plan: Plan, options: ApplyOptions) -> list[str]:
+    from .apply import apply_activations  # apply imports this module
+
+    return apply_activations(model, plan, options)
+
+
+def _summary(plan: Plan) -> list[str]:
+    kinds = Counter(f"{s.kind} {s.option}" for s in plan.activations if s.action == "convert")
+    converted = sum(s.action == "convert" for s in plan.activations)
+    return [
+        f"  activations: {converted} converted"
+        + (f" ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))})" if kinds else "")
+        + f", {sum(s.action == 'skip' for s in plan.activations)} skipped"
+    ]
+
+
+STAGE = Stage(
+    name="activations",
+    find=_find_stage,
+    plan=_plan_stage,
+    apply=_apply_stage,
+    summary=_summary,
+    converted=lambda plan: sum(s.action == "convert" for s in plan.activations),
+)

@@ -1,4 +1,9 @@
-"""Every rewrite convert() can make, with the contract it declares (one generic test enforces them all).
+"""Every rewrite convert() can make: the stages the pipeline runs and the contracts they declare.
+
+``STAGES`` drives ``analysis.plan_conversion``, ``rewrites.apply.apply_plan`` and the report: each
+stage is one module's ``STAGE`` (``rewrites.pipeline.Stage``: how it finds its sites, plans them with
+or without the captured graph, applies them and reports them). ``REWRITES`` lists what each rewrite
+promises, with the options that turn it on alone.
 
 As optimum's transforms declare ``preserves_computation`` and torchao registers a handler per config,
 each rewrite here names the ``convert()`` options that turn it on alone, how to read the sites it
@@ -20,6 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..plan import Plan
+from . import adapter_inputs, loss_head, norms, planner
+from .pipeline import Stage
+
+# The pipeline, in order: norms first (the activation planner reads the norms' plan), the loss head last.
+STAGES: tuple[Stage, ...] = (norms.STAGE, planner.STAGE, adapter_inputs.STAGE, loss_head.STAGE)
 
 
 @dataclass(frozen=True)
