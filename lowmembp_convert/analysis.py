@@ -15,9 +15,9 @@ from .capture import CaptureError, capture_graph
 from .config import ConvertConfig, activation_mode, resolve_config
 from .detect import Detector
 from .plan import Plan
+from .rewrites import registry
 from .rewrites.norms import module_hooks
 from .rewrites.pipeline import Context
-from .rewrites.registry import STAGES
 
 __all__ = ["activation_mode", "module_hooks", "plan_conversion"]
 
@@ -29,7 +29,8 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
     """
     config = resolve_config(config, overrides)
     ctx = Context(model=model, config=config, plan=Plan(), detector=Detector())  # the detector caches per analysis
-    needs_graph = [stage.find(ctx) for stage in STAGES]  # every stage looks, even after one asked
+    stages = registry.STAGES
+    needs_graph = [stage.find(ctx) for stage in stages]  # every stage looks, even after one asked
     if not any(needs_graph):
         ctx.plan.capture = "not needed (" + ("no norm found" if config.norms else "norms disabled") + ")"
         return ctx.plan
@@ -39,6 +40,6 @@ def plan_conversion(model: nn.Module, config: ConvertConfig | None = None, **ove
         ctx.plan.capture = f"failed: {exc}"
     else:
         ctx.plan.capture = f"torch.export (non-strict, fake tensors), {ctx.capture.seconds:.1f} s"
-    for stage in STAGES:
+    for stage in stages:
         stage.plan(ctx)
     return ctx.plan
