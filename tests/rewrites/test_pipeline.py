@@ -36,7 +36,7 @@ def _toy_stage(calls: list[str]) -> Stage:
 
     def apply(model, plan, options):
         calls.append("apply")
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.lowmembp_toy = True
         return ["toy: tagged fc"]
