@@ -121,15 +121,18 @@ def measure(name: str, fn: Callable, shape: tuple[int, int, int], device: str, d
     h, w, t = _data(*shape, device, dtype)
 
     def step():
-        h.grad = w.grad = None
         loss = fn(h, w, t)
         loss.backward()
         return loss
 
     step()  # warm-up (Triton compiles on its first launch)
+    # the previous step's gradients are freed before measuring: their free inside the measured code
+    # would lower the running sum (the CPU profiler counts frees of blocks it did not see allocated)
+    h.grad = w.grad = None
     peak = peak_bytes(step, device)
     times = []
     for _ in range(reps):
+        h.grad = w.grad = None
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()

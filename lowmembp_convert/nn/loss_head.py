@@ -21,8 +21,9 @@ The fused head (``loss_head="fused"``, opt-in): while autograd records in traini
 the model's loss, and the planned elementwise ops before it, raises); the loss computes the loss and
 its gradients chunk by chunk with
 :func:`lowmembp_convert.ops.fused_linear_cross_entropy.fused_linear_cross_entropy`, which keeps the
-float32 dh and dW for backward. In eval mode, under ``torch.no_grad()``, ``torch.compile`` or
-``torch.func`` the head returns real logits and the exact (or stock) path runs.
+dh and dW for backward (bfloat16 in a bf16 model, else float32). In eval mode, under
+``torch.no_grad()``, ``torch.compile`` or ``torch.func`` the head returns real logits and the exact
+(or stock) path runs.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class ExactHeadLoss:
 
     def _fused_loss(self, logits: FusedLogits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels):
         """The loss of a fused head's placeholder: computed from the head's input, chunk by chunk,
-        with its gradients (kept: float32 dh and dW). There is no stock path to fall back on."""
+        with its gradients (kept: dh and dW). There is no stock path to fall back on."""
         why = logits.ready_for_loss()
         if not why and logits.shape[-1] != vocab_size:
             why = f"the head has {logits.shape[-1]} outputs but the loss was given vocab_size={vocab_size}"

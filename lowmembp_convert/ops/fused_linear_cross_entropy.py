@@ -8,16 +8,17 @@ For ``loss_head="fused"``: the logits never exist beyond one chunk of rows, in f
               of the loss with grad_output = 1 (nll_loss's -1/divisor at the target, log_softmax's
               backward, cast to the logits' dtype, the recipe's derivative): dh = dlogits W,
               dW += dlogits^T h, db += sum(dlogits), accumulated in float32.
-    kept      dh (rows x hidden), dW (vocab x hidden), db (vocab), all float32, each only when that
+    kept      dh (rows x hidden), dW (vocab x hidden), db (vocab), each rounded once to its input's dtype
+              (bfloat16 for a bf16 model; float32 for float32 and float16 ones), each only when that
               input needs a gradient (a frozen head keeps no dW); nothing of rows x vocabulary.
     backward  dh, dW, db times grad_output, cast to the input's and parameters' dtypes. No GEMM.
 
 Head GEMMs: three per chunk (the forward's and the two gradient GEMMs), stock's count; the exact
 head (ops/linear_cross_entropy.py) needs four. The loss is the stock one up to the order of a float32
-sum; gradients are the stock formula scaled once by grad_output in float32 (a GradScaler's scale
-cannot underflow a float32 dh/dW). In float16 each chunk's dlogits is scaled by a power of two before
-the cast (the unscaled 1/divisor would underflow where a GradScaler'd stock does not) and unscaled in
-float32 after the GEMMs (exact: powers of two).
+sum; gradients are the stock formula, rounded once to the parameters' dtype and scaled by grad_output
+in backward (float16 keeps float32, so a GradScaler's scale cannot underflow them). In float16 each
+chunk's dlogits is scaled by a power of two before the cast (the unscaled 1/divisor would underflow
+where a GradScaler'd stock does not) and unscaled in float32 after the GEMMs (exact: powers of two).
 
 On a GPU (the Triton path of ``dispatch.use_triton``), a chunk with no recipe in float32 or bfloat16
 goes through the row kernel instead of torch's softmax ops (``ops/cross_entropy_rows.py``: one
@@ -93,7 +94,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             del dz, z
             logits = None
             _accumulate(dlogits, h_c, w_mm, part, dh, dw, db, unscale)
-        ctx.save_for_backward(dh, dw, db)
+        ctx.save_for_backward(*(kept_gradient(t, like) for t, like in ((dh, h), (dw, weight), (db, bias))))
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total / divisor
 
@@ -124,6 +125,17 @@ def _row_kernel_applies(logits: Tensor, recipe, needs_grad: bool) -> bool:
         and use_triton(logits)
         and logits.stride(-1) == 1
     )
+
+
+def kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a finished float32 gradient is kept in until backward: its input's own (one rounding,
+    where stock's GEMM rounds its result too), except float16, whose range a GradScaler'd grad_output
+    would leave: float32 there (and for float32 inputs)."""
+    return torch.float32 if dtype in (torch.float16, torch.float32) else dtype
+
+
+def kept_gradient(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(kept_dtype(like.dtype))
 
 
 def _accumulate(dlogits, h_c, w_mm, part, dh, dw, db, unscale: float) -> None:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..capture import Capture
 from ..config import ConvertConfig, loss_head_mode
 from ..nn.loss_head import ExactHeadLoss, install
+from ..ops.fused_linear_cross_entropy import kept_dtype
 from ..ops.linear_cross_entropy import chunk_rows_for
 from ..plan import LossHeadSite, Plan
 from .pipeline import ApplyOptions, Context, Stage
@@ -179,15 +180,19 @@ def _estimate(site: LossHeadSite, head: nn.Linear, example_rows: int | None) -> 
     vocab, hidden = head.out_features, head.in_features
     trainable = head.weight.requires_grad
     bias = head.bias is not None and head.bias.requires_grad
-    fixed = 4 * vocab * hidden * trainable + 4 * vocab * bias
+    kept = kept_dtype(head.weight.dtype)  # the fused head keeps its gradients in this dtype
+    size = torch.empty((), dtype=kept).element_size()
+    fixed = size * (vocab * hidden * trainable + vocab * bias)
     site.extra_head_gemms = {"stock": 0, "exact": 1, "fused": 0}
     keeps = ["dh [rows, hidden]"] + ["dW [vocab, hidden]"] * trainable + ["db [vocab]"] * bias
-    site.fused_keeps = "float32 " + ", ".join(keeps) + ("" if trainable else " (frozen head: no dW)")
-    # stock keeps 4 * rows * vocab, fused 4 * rows * hidden + fixed: fused is smaller above this many rows
-    site.fused_breakeven_rows = fixed // (4 * (vocab - hidden)) + 1 if vocab > hidden else 0
+    site.fused_keeps = f"{str(kept).removeprefix('torch.')} " + ", ".join(keeps)
+    site.fused_keeps += "" if trainable else " (frozen head: no dW)"
+    # stock keeps 4 * rows * vocab, fused size * rows * hidden + fixed: fused is smaller above this many rows
+    per_row = 4 * vocab - size * hidden
+    site.fused_breakeven_rows = fixed // per_row + 1 if per_row > 0 else 0
     site.max_chunk_rows = chunk_rows_for(1 << 40, vocab)
     if example_rows:
-        site.estimate = {"stock": 4 * example_rows * vocab, "exact": 0, "fused": 4 * example_rows * hidden + fixed}
+        site.estimate = {"stock": 4 * example_rows * vocab, "exact": 0, "fused": size * example_rows * hidden + fixed}
         site.chunk_rows = chunk_rows_for(example_rows, vocab)
 
 

@@ -403,3 +403,25 @@ def test_float16_gradients_survive_a_grad_scaler_scale() -> None:
     for ref, theirs, ours in zip(g64, g0, g1, strict=True):
         err = [(g.double() - ref).abs().max().item() / ref.abs().max().item() for g in (theirs, ours)]
         assert ours.isfinite().all() and err[1] <= 2 * err[0] + 2e-4, err
+
+
+def test_a_bf16_model_keeps_its_head_gradients_in_bf16_and_the_planner_says_so() -> None:
+    """The gradients computed in the forward are rounded once to the parameters' dtype (as stock's GEMM
+    rounds its result): half the bytes of float32 in a bf16 model, as the planner's estimate states."""
+    stock = _llama().to(torch.bfloat16)
+    model = _fused(stock)
+    (site,) = model.lowmembp_report.plan.loss_heads
+    assert site.fused_keeps.startswith("bfloat16 dh [rows, hidden], dW [vocab, hidden]")
+    ids, labels = _batch()
+    kept = []
+
+    def pack(t):
+        kept.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=labels).loss
+    assert loss.requires_grad
+    hidden = model.config.hidden_size
+    assert ((VOCAB, hidden), torch.bfloat16) in kept and ((ROWS, hidden), torch.bfloat16) in kept
+    assert not any(shape == (VOCAB, hidden) and dtype == torch.float32 for shape, dtype in kept)
