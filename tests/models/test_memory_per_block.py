@@ -118,6 +118,28 @@ def test_llama_7b_layers_save_a_third_in_bf16() -> None:
     assert _report("LLaMA-7B layers (16 tokens) bf16", *figures["bf16"]) <= -0.33
 
 
+def _phi3_mini_layers(depth: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    # Phi-3-mini layer shapes: fused qkv_proj and gate_up_proj (the gate and up halves are a chunk)
+    config = transformers.Phi3Config(
+        vocab_size=128, hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
+        num_hidden_layers=depth, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.slow  # 3072-wide layers at two depths and batches
+def test_phi3_mini_layers_save_in_bf16() -> None:
+    figures = per_block_change(_phi3_mini_layers, _run_llama, ("bf16",))
+    assert _report("Phi-3-mini layers (16 tokens) bf16", *figures["bf16"]) <= -0.33
+
+
 # --------------------------------------------------------------------------------------------------
 # RoBERTa-base, post-norm, fp32
 # --------------------------------------------------------------------------------------------------
