@@ -13,6 +13,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 import families  # noqa: E402
 import head_kernels  # noqa: E402
 import loss_head  # noqa: E402
+import loss_head_equality  # noqa: E402
 from peak_meter import peak_bytes  # noqa: E402
 
 
@@ -66,3 +67,12 @@ def test_head_kernels_bench_variants_agree_with_stock_and_keep_less() -> None:
         for key in ("loss", "dw", "dh"):
             assert head_kernels._rel(r[key], stock[key]) < 1e-5, (name, key)
     assert results["fused"]["peak"] < 0.5 * stock["peak"] and results["rows"]["peak"] < 0.5 * stock["peak"]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fused"])
+def test_loss_head_equality_row_is_stock(mode: str) -> None:
+    row = loss_head_equality.run_case("Gemma 2 softcap", mode)
+    assert row["taken"] == mode and row["fp32_loss"] < 1e-6 and row["fp32_grads"] < 1e-5
+    assert row["fp32_logits_equal"] is (True if mode == "exact" else None)
+    assert 0.5 < row["bf16_grad_ratio"] < 2.0
+    assert "n/a" in loss_head_equality.markdown([loss_head_equality.run_case("user's own loss on logits", "fused")])
