@@ -6,9 +6,8 @@ fine-tuning), for model-shaped rows, hidden sizes and vocabularies:
 
 - ``stock``: ``F.linear`` then ``F.cross_entropy(logits.float(), target)``, as transformers' loss does;
 - ``exact``: ``ops.linear_cross_entropy`` (stock forward; backward recomputes the logits per chunk);
-- ``fused``: ``ops.fused_linear_cross_entropy`` (gradients in the forward, chunk by chunk, no logits);
-- ``rows``: stock's GEMMs with the row op ``ce_rows_grad_`` (Triton on a GPU) between them, chunked:
-  the fused head's arithmetic with the row kernel instead of torch's softmax ops;
+- ``fused``: ``ops.fused_linear_cross_entropy`` (gradients in the forward, chunk by chunk, no logits;
+  on a GPU each chunk goes through the Triton row kernel ``ce_rows_kernel``);
 - ``liger``: ``LigerFusedLinearCrossEntropyLoss`` when ``liger_kernel`` is installed (else n/a).
 
 For each: peak memory above the inputs (``bench/peak_meter.py``: ``max_memory_allocated`` on a GPU,
@@ -34,9 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_meter import peak_bytes  # noqa: E402
 
-from lowmembp_convert.ops.cross_entropy_rows import ce_rows_grad_  # noqa: E402
 from lowmembp_convert.ops.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
-from lowmembp_convert.ops.linear_cross_entropy import chunk_rows_for, linear_cross_entropy  # noqa: E402
+from lowmembp_convert.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 # name: (rows = batch x tokens, hidden, vocabulary)
 SHAPES = {
@@ -58,40 +56,6 @@ def _exact(h, w, t):
 
 def _fused(h, w, t):
     return fused_linear_cross_entropy(h, w, None, t)
-
-
-class _Rows(torch.autograd.Function):
-    """The fused head's arithmetic with the row op: per chunk, the GEMM, ce_rows_grad_ in place, the two
-    gradient GEMMs; keeps float32 dh and dW (as the fused head)."""
-
-    @staticmethod
-    def forward(ctx, h, w, t):
-        rows = h.shape[0]
-        chunk = chunk_rows_for(rows, w.shape[0])
-        count = (t != -100).sum().clamp_min(1).float()
-        scale = (1.0 / count).reshape(1)
-        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, rows, chunk):
-            part = slice(start, start + chunk)
-            logits = F.linear(h[part], w)
-            loss, _ = ce_rows_grad_(logits, t[part], scale, -100)  # logits now hold the gradient
-            total += loss.sum()
-            dh[part] = (logits @ w).float()
-            dw.addmm_(logits.t().float(), h[part].float())
-        ctx.save_for_backward(dh, dw)
-        ctx.dtypes = (h.dtype, w.dtype)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None
-
-
-def _rows(h, w, t):
-    return _Rows.apply(h, w, t)
 
 
 def _liger() -> Callable | None:
@@ -158,7 +122,7 @@ def main() -> None:
         rows, hidden, vocab = (int(v) for v in args.shape.split(","))
         shapes = {"custom": (rows, hidden, vocab)}
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    variants = {"stock": _stock, "exact": _exact, "fused": _fused, "rows": _rows}
+    variants = {"stock": _stock, "exact": _exact, "fused": _fused}
     liger = _liger()
     if liger is not None and args.device.startswith("cuda"):
         variants["liger"] = liger

@@ -57,8 +57,7 @@ def test_head_kernels_bench_variants_agree_with_stock_and_keep_less() -> None:
     """Every variant of bench/head_kernels.py computes stock's loss and gradients (float32 here); the
     fused ones peak lower than stock, which holds the float32 logits and their gradient."""
     shape = head_kernels.TINY["tiny"]
-    variants = {"stock": head_kernels._stock, "exact": head_kernels._exact, "fused": head_kernels._fused,
-                "rows": head_kernels._rows}  # fmt: skip
+    variants = {"stock": head_kernels._stock, "exact": head_kernels._exact, "fused": head_kernels._fused}
     results = {
         name: head_kernels.measure(name, fn, shape, "cpu", torch.float32, reps=1) for name, fn in variants.items()
     }
@@ -66,7 +65,7 @@ def test_head_kernels_bench_variants_agree_with_stock_and_keep_less() -> None:
     for name, r in results.items():
         for key in ("loss", "dw", "dh"):
             assert head_kernels._rel(r[key], stock[key]) < 1e-5, (name, key)
-    assert results["fused"]["peak"] < 0.5 * stock["peak"] and results["rows"]["peak"] < 0.5 * stock["peak"]
+    assert results["fused"]["peak"] < 0.5 * stock["peak"]
 
 
 @pytest.mark.parametrize("mode", ["exact", "fused"])

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..dispatch import use_triton
 from .cross_entropy_rows import ce_rows_grad_
-from .linear_cross_entropy import chunk_rows_for
+from .linear_cross_entropy import chunk_rows_for, refuse_double_backward
 
 __all__ = ["fused_linear_cross_entropy", "linear_dtype"]
 
@@ -100,11 +100,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "lowmembp_convert: double backward (create_graph=True) through the fused loss head is not supported; "
-                "convert with loss_head=False"
-            )
+        refuse_double_backward("fused")
         dh, dw, db = ctx.saved_tensors
         g = grad.float()
         grads = [

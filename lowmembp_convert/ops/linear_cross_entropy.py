@@ -31,6 +31,16 @@ __all__ = ["chunk_rows_for", "linear_cross_entropy"]
 _CHUNK_FLOAT32_BYTES = 64 * 2**20  # one chunk's float32 logits at most (a floor of 64 rows)
 
 
+def refuse_double_backward(head: str) -> None:
+    """Second derivatives through the loss head are not implemented: say so (grad mode is on inside a
+    backward only under ``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"lowmembp_convert: double backward (create_graph=True) through the {head} loss head is not supported; "
+            "convert with loss_head=False"
+        )
+
+
 def chunk_rows_for(rows: int, vocab: int) -> int:
     """Rows per chunk: float32 logits of at most 64 MiB per chunk, a power of two, 64 rows or more."""
     limit = max(64, _CHUNK_FLOAT32_BYTES // (4 * max(1, vocab)))
@@ -58,11 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "lowmembp_convert: double backward (create_graph=True) through the exact loss head is not supported; "
-                "convert with loss_head=False"
-            )
+        refuse_double_backward("exact")
         h, weight, bias, target, divisor = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         scale = (grad.float() / divisor).to(torch.float32)  # nll_loss's -g / total_weight, negated below
